@@ -1,0 +1,191 @@
+"""quantize_(model): replace eligible weights with BlockFP8Tensor parameters, in place.
+
+What is converted:
+    nn.Linear.weight                          [N, K]      -> BlockFP8Tensor
+    experts.{gate_up_proj, up_proj, down_proj} [E, N, K]  -> BlockFP8Tensor (transformers v5
+                                                             experts modules, untransposed)
+What stays in high precision (and is reported): the output embedding / lm_head, tied
+weights, excluded modules, shapes an FP8 GEMM cannot take (N or K not a multiple of 16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fp8fx import reference
+from fp8fx.config import BlockFP8Config
+from fp8fx.tensor import BlockFP8Tensor
+
+__all__ = ["quantize_", "QuantizeReport", "LayerRecord", "expert_param_names", "quantize_weight_chunked"]
+
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+# Rows quantized at a time: bounds quantize_'s temporaries to a few of these, not a layer.
+_CHUNK_ELEMS = 1 << 24
+_GEMM_ALIGN = 16  # fp8 GEMMs need 16-byte rows: N and K multiples of 16
+
+
+@dataclass
+class LayerRecord:
+    name: str  # parameter's qualified name
+    shape: tuple[int, ...]
+    reason: str = ""
+
+
+@dataclass
+class QuantizeReport:
+    converted: list[LayerRecord] = field(default_factory=list)
+    skipped: list[LayerRecord] = field(default_factory=list)
+    bytes_before: int = 0  # of the converted weights, in their original dtype
+    bytes_after: int = 0  # of the same weights as fp8 codes + scales
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fp8fx: converted {len(self.converted)} weights, skipped {len(self.skipped)}"]
+        if self.bytes_before:
+            lines.append(
+                f"  weight bytes: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+                f"({self.bytes_after / self.bytes_before:.1%})"
+            )
+        lines += [f"  skipped {r.name} {list(r.shape)}: {r.reason}" for r in self.skipped]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def expert_param_names(module: nn.Module) -> list[str]:
+    """3-D expert weights of a transformers v5 experts module stored as [E, N, K]."""
+    if getattr(module, "is_transposed", False):
+        return []
+    return [n for n in EXPERT_PARAMS if isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 3]
+
+
+def quantize_weight_chunked(w: torch.Tensor, block_size, scale_fmt: str, name: str):
+    """reference.quantize_weight over block-aligned row chunks (and experts one at a time),
+    so temporaries stay far below one layer's size. Bit-identical to the unchunked call."""
+    *lead, n, k = w.shape
+    gn, gk = reference.scale_grid(n, k, block_size)
+    q = torch.empty(w.shape, dtype=reference.FP8_DTYPE, device=w.device)
+    scale_dtype = reference.E8M0_DTYPE if scale_fmt == "ue8m0" else torch.float32
+    s = torch.empty(*lead, gn, gk, dtype=scale_dtype, device=w.device)
+    rows = max(1, _CHUNK_ELEMS // max(1, k * block_size[0])) * block_size[0]
+    flat_w, flat_q, flat_s = w.reshape(-1, n, k), q.view(-1, n, k), s.view(-1, gn, gk)
+    for idx in range(flat_w.shape[0]):
+        label = f"{name}[{idx}]" if lead else name
+        for r0 in range(0, n, rows):
+            qc, sc = reference.quantize_weight(flat_w[idx, r0 : r0 + rows], block_size, scale_fmt, name=label)
+            b0 = r0 // block_size[0]
+            flat_q[idx, r0 : r0 + rows] = qc
+            flat_s[idx, b0 : b0 + sc.shape[0]] = sc
+    return q, s
+
+
+def _candidates(model: nn.Module):
+    """(module_name, module, param_name) for every weight quantize_ considers."""
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield mname, module, "weight"
+        else:
+            for pname in expert_param_names(module):
+                yield mname, module, pname
+
+
+def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _skip_reason(model, mname, module, pname, w, config, filter_fn, aliases) -> Optional[str]:
+    fqn = f"{mname}.{pname}" if mname else pname
+    if isinstance(w, BlockFP8Tensor):
+        return "already quantized"
+    pattern = config.excludes(mname)
+    if pattern is not None:
+        return f"excluded by modules_to_not_convert pattern {pattern!r}"
+    if filter_fn is not None and not filter_fn(module, mname):
+        return "excluded by filter_fn"
+    out_emb = _output_embedding(model)
+    if module is out_emb or (out_emb is None and mname.split(".")[-1] == "lm_head"):
+        return "output embedding (kept in high precision, as transformers does)"
+    others = [a for a in aliases.get(id(w), []) if a != fqn]
+    if others:
+        return f"tied to {others[0]}"
+    n, k = w.shape[-2:]
+    if n % _GEMM_ALIGN or k % _GEMM_ALIGN:
+        return f"shape {tuple(w.shape)}: FP8 GEMMs need out and in features that are multiples of {_GEMM_ALIGN}"
+    return None
+
+
+def _validate(fqn: str, w: torch.Tensor) -> None:
+    if w.is_meta:
+        raise ValueError(
+            f"fp8fx.quantize_: {fqn} is on the meta device (no data to quantize); materialize the model "
+            f"first, or load an FP8 checkpoint with fp8fx.load_quantized"
+        )
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"fp8fx.quantize_: {fqn} has dtype {w.dtype}; only float32, float16 and bfloat16 weights can be quantized"
+        )
+    if not torch.isfinite(w).all():
+        raise ValueError(f"fp8fx.quantize_: {fqn} contains NaN or Inf; block-FP8 quantization needs finite weights")
+
+
+def quantize_(
+    model: nn.Module,
+    config: Optional[BlockFP8Config] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    progress: Optional[bool] = None,
+) -> QuantizeReport:
+    """Replace eligible weights of ``model`` with block-FP8 ``BlockFP8Tensor`` parameters.
+
+    Args:
+        model: any nn.Module (transformers models included); modified in place.
+        config: a BlockFP8Config (defaults: 128x128 blocks, float32 scales, dynamic activations).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps a module as it is.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Every weight is checked before any is changed, so a failure leaves the model as it was.
+    Weights are converted one at a time; the original is released right after.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or BlockFP8Config()
+    if config.activation_scheme == "static":
+        raise ValueError(
+            "fp8fx.quantize_: activation_scheme='static' needs calibrated activation scales, which "
+            "quantize_ does not compute; load a checkpoint that carries them (fp8fx.load_quantized) "
+            "or use activation_scheme='dynamic'"
+        )
+    report = QuantizeReport()
+    aliases: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(fqn)
+
+    todo = []
+    for mname, module, pname in _candidates(model):
+        w = getattr(module, pname)
+        fqn = f"{mname}.{pname}" if mname else pname
+        reason = _skip_reason(model, mname, module, pname, w, config, filter_fn, aliases)
+        if reason is None:
+            _validate(fqn, w)
+            todo.append((fqn, module, pname))
+        elif reason == "already quantized":
+            report.notes.append(f"{fqn} is already a BlockFP8Tensor; left as it is")
+        else:
+            report.skipped.append(LayerRecord(fqn, tuple(w.shape), reason))
+
+    for fqn, module, pname in tqdm(todo, desc="fp8fx quantize", unit="weight", disable=None if progress is None else not progress):
+        w = getattr(module, pname)
+        q, s = quantize_weight_chunked(w.detach(), config.block_size, config.scale_fmt, fqn)
+        new = BlockFP8Tensor(q, s, config.block_size, w.dtype)
+        report.converted.append(LayerRecord(fqn, tuple(w.shape)))
+        report.bytes_before += w.numel() * w.element_size()
+        report.bytes_after += new.nbytes_fp8()
+        setattr(module, pname, nn.Parameter(new, requires_grad=False))
+        del w
+    if not todo and not report.notes:
+        report.notes.append("nothing eligible to quantize; the model is unchanged")
+    return report

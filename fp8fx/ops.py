@@ -1,0 +1,196 @@
+"""Every ``torch.ops.fp8fx.*`` custom op, with its fake (meta) implementation.
+
+This is the only module that names ops. Each op's default implementation is the pure-torch
+reference (any device); device kernels are registered per backend by ``fp8fx.kernels``
+and chosen through ``_cuda_impl`` below.
+
+Legend: T tokens, N out_features, K in_features, E experts.
+
+    fp8fx::linear(x[..., K], qweight[N, K], wscale[nN, nK], bias[N]?, act_scale[]?, block_size)
+        -> y[..., N]                        quantize x, block-FP8 GEMM, + bias (x's dtype)
+    fp8fx::act_quant(x[..., K], group_size, ue8m0) -> (q[..., K] fp8, s[..., nK] fp32)
+    fp8fx::block_gemm(xq[..., K], xs[..., nK] | [], qweight, wscale, bias?, block_size, out_dtype)
+        -> y[..., N]                        GEMM of already quantized activations
+    fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
+        block_size) -> y[T, N]              MoE experts over tokens sorted by expert
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fp8fx import reference
+
+__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear"]
+
+_SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
+
+
+def _check_weight(qweight: Tensor, wscale: Tensor, block_size: list[int], expert_dims: int) -> None:
+    want_dim = 2 + expert_dims
+    if qweight.dim() != want_dim:
+        raise ValueError(f"fp8fx: qweight must have {want_dim} dims, got shape {tuple(qweight.shape)}")
+    if qweight.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx: qweight must be torch.float8_e4m3fn, got {qweight.dtype}")
+    if wscale.dtype not in _SCALE_DTYPES:
+        raise TypeError(f"fp8fx: weight scale must be float32 or float8_e8m0fnu, got {wscale.dtype}")
+    *lead, n, k = qweight.shape
+    expected = (*lead, *reference.scale_grid(n, k, block_size))
+    if tuple(wscale.shape) != expected:
+        raise ValueError(
+            f"fp8fx: weight scale has shape {tuple(wscale.shape)}, expected {expected} for a "
+            f"weight of shape {tuple(qweight.shape)} and block_size {tuple(block_size)}"
+        )
+
+
+def _check_same_device(**tensors: Optional[Tensor]) -> None:
+    present = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(present.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in present.items())
+        raise RuntimeError(f"fp8fx: all inputs must be on one device, got {listing}")
+
+
+def _check_x(x: Tensor, k: int) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fp8fx: input must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"fp8fx: input has {x.shape[-1]} features (shape {tuple(x.shape)}), the weight expects {k}"
+        )
+
+
+def _check_bias(bias: Optional[Tensor], n: int) -> None:
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp8fx: bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def check_linear_args(x, qweight, wscale, bias, act_scale, block_size) -> None:
+    """Validate fp8fx::linear inputs; shared by every implementation and the fake."""
+    _check_weight(qweight, wscale, block_size, expert_dims=0)
+    _check_x(x, qweight.shape[1])
+    _check_bias(bias, qweight.shape[0])
+    if act_scale is not None and act_scale.numel() != 1:
+        raise ValueError(f"fp8fx: a static act_scale is one value per tensor, got shape {tuple(act_scale.shape)}")
+    _check_same_device(input=x, qweight=qweight, wscale=wscale, bias=bias, act_scale=act_scale)
+
+
+# Kernels register themselves here by op name, keyed "linear", "act_quant", ...; the CUDA
+# implementations below call them when present and fall back to the reference otherwise.
+_cuda_impl: dict[str, callable] = {}
+
+
+@torch.library.custom_op("fp8fx::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    qweight: Tensor,
+    wscale: Tensor,
+    bias: Optional[Tensor],
+    act_scale: Optional[Tensor],
+    block_size: list[int],
+) -> Tensor:
+    check_linear_args(x, qweight, wscale, bias, act_scale, block_size)
+    if x.is_cuda and "linear" in _cuda_impl:
+        return _cuda_impl["linear"](x, qweight, wscale, bias, act_scale, block_size)
+    return reference.linear(x, qweight, wscale, bias, act_scale, tuple(block_size))
+
+
+@linear.register_fake
+def _(x, qweight, wscale, bias, act_scale, block_size):
+    check_linear_args(x, qweight, wscale, bias, act_scale, block_size)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, qweight, wscale, bias, act_scale, block_size = inputs
+    ctx.save_for_backward(qweight, wscale)
+    ctx.block_size = tuple(block_size)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    # Straight-through for the activation quantization: dL/dx = dL/dy @ dequant(W).
+    qweight, wscale = ctx.saved_tensors
+    w = reference.dequantize_weight(qweight, wscale, ctx.block_size, grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad @ w, None, None, grad_bias, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("fp8fx::act_quant", mutates_args=())
+def act_quant(x: Tensor, group_size: int, ue8m0: bool) -> tuple[Tensor, Tensor]:
+    if x.is_cuda and "act_quant" in _cuda_impl:
+        return _cuda_impl["act_quant"](x, group_size, ue8m0)
+    return reference.quantize_act(x, group_size, "ue8m0" if ue8m0 else "float32")
+
+
+@act_quant.register_fake
+def _(x, group_size, ue8m0):
+    groups = math.ceil(x.shape[-1] / group_size)
+    q = x.new_empty(x.shape, dtype=reference.FP8_DTYPE)
+    return q, x.new_empty(*x.shape[:-1], groups, dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8fx::block_gemm", mutates_args=())
+def block_gemm(
+    xq: Tensor,
+    xs: Tensor,
+    qweight: Tensor,
+    wscale: Tensor,
+    bias: Optional[Tensor],
+    block_size: list[int],
+    out_dtype: torch.dtype,
+) -> Tensor:
+    if xq.is_cuda and "block_gemm" in _cuda_impl:
+        return _cuda_impl["block_gemm"](xq, xs, qweight, wscale, bias, block_size, out_dtype)
+    xd = reference.dequantize_act(xq, xs, block_size[1])
+    y = xd @ reference.dequantize_weight(qweight, wscale, tuple(block_size)).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@block_gemm.register_fake
+def _(xq, xs, qweight, wscale, bias, block_size, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
+
+
+def check_grouped_args(x, qweight, wscale, offs, act_scale, block_size) -> None:
+    _check_weight(qweight, wscale, block_size, expert_dims=1)
+    e, _, k = qweight.shape
+    _check_x(x, k)
+    if x.dim() != 2:
+        raise ValueError(f"fp8fx: grouped_linear takes tokens as [T, K], got shape {tuple(x.shape)}")
+    if tuple(offs.shape) != (e,) or offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"fp8fx: offs must be an int32/int64 tensor of shape ({e},), got {offs.dtype} {tuple(offs.shape)}"
+        )
+    if act_scale is not None and tuple(act_scale.shape) != (e,):
+        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+    _check_same_device(input=x, qweight=qweight, wscale=wscale, offs=offs, act_scale=act_scale)
+
+
+@torch.library.custom_op("fp8fx::grouped_linear", mutates_args=())
+def grouped_linear(
+    x: Tensor,
+    qweight: Tensor,
+    wscale: Tensor,
+    offs: Tensor,
+    act_scale: Optional[Tensor],
+    block_size: list[int],
+) -> Tensor:
+    check_grouped_args(x, qweight, wscale, offs, act_scale, block_size)
+    if x.is_cuda and "grouped_linear" in _cuda_impl:
+        return _cuda_impl["grouped_linear"](x, qweight, wscale, offs, act_scale, block_size)
+    return reference.grouped_linear(x, qweight, wscale, offs, act_scale, tuple(block_size))
+
+
+@grouped_linear.register_fake
+def _(x, qweight, wscale, offs, act_scale, block_size):
+    check_grouped_args(x, qweight, wscale, offs, act_scale, block_size)
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -1,0 +1,229 @@
+"""Pure-torch block-FP8 numerics: the oracle every kernel and test is checked against.
+
+Legend for shape comments:
+    T tokens (activation rows), N out_features, K in_features, E experts,
+    BN x BK the weight block (128 x 128), G = BK the activation group along K.
+
+Contract (DESIGN.md):
+    weight      w[N, K] ~= q[N, K] * s[ceil(N/BN), ceil(K/BK)]   (s is "weight_scale_inv")
+    activation  x[T, K] ~= q[T, K] * s[T, ceil(K/G)]             (dynamic, per token)
+                x[T, K] ~= q[T, K] * s[]                          (static, per tensor)
+    s = amax / 448 (float32) or 2 ** ceil(log2(amax / 448)) (UE8M0); amax is clamped to
+    AMAX_EPS so an all-zero block gets a finite scale and quantizes to zeros.
+    The GEMM is the exact fp32 product of the dequantized operands.
+
+Everything here works on any device and is written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "E8M0_DTYPE",
+    "AMAX_EPS",
+    "scale_grid",
+    "amax_to_scale",
+    "quantize_weight",
+    "dequantize_weight",
+    "quantize_act",
+    "quantize_act_static",
+    "dequantize_act",
+    "linear",
+    "grouped_linear",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+E8M0_DTYPE = torch.float8_e8m0fnu
+# Smallest amax a block is scaled for. 1e-12 / 448 is ~2**-49, far inside both fp32 and
+# e8m0 (2**-127) range, so the scale is finite and x / s never divides by zero.
+AMAX_EPS = 1e-12
+SCALE_FMTS = ("float32", "ue8m0")
+_HP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def scale_grid(n: int, k: int, block_size: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the scale grid for an (n, k) matrix: ceil-div, partial edge blocks allowed."""
+    return math.ceil(n / block_size[0]), math.ceil(k / block_size[1])
+
+
+def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
+    """2 ** ceil(log2(v)) for positive normal fp32 v, exactly (bit arithmetic, no log2 rounding)."""
+    bits = v.view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exponent << 23).view(torch.float32)
+
+
+def amax_to_scale(amax: torch.Tensor, scale_fmt: str = "float32") -> torch.Tensor:
+    """Dequantization scale (fp32 values) for a block whose largest magnitude is ``amax``."""
+    _check_scale_fmt(scale_fmt)
+    s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    return _pow2_ceil(s) if scale_fmt == "ue8m0" else s
+
+
+def _store_scale(s: torch.Tensor, scale_fmt: str) -> torch.Tensor:
+    # UE8M0 scales are exact powers of two, so the e8m0 cast is lossless.
+    return s.to(E8M0_DTYPE) if scale_fmt == "ue8m0" else s
+
+
+def _check_scale_fmt(scale_fmt: str) -> None:
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+
+
+def _check_hp(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in _HP_DTYPES:
+        raise TypeError(
+            f"{what}: expected a float32, float16 or bfloat16 tensor, got dtype {x.dtype}"
+        )
+
+
+def _to_fp8(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    # Division (not multiplication by 1/s) is the contract: kernels divide too, so the
+    # fp8 codes match bit for bit.
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _expand_blocks(s: torch.Tensor, shape: torch.Size, block_size: tuple[int, int]) -> torch.Tensor:
+    # s: [..., ceil(N/BN), ceil(K/BK)] -> [..., N, K], cropping the partial edge blocks.
+    s = s.float().repeat_interleave(block_size[0], dim=-2).repeat_interleave(block_size[1], dim=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    scale_fmt: str = "float32",
+    name: str = "weight",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize w[..., N, K] to fp8 codes q[..., N, K] and block scales s[..., nN, nK].
+
+    Leading dims (experts) are quantized independently. s is float32 or float8_e8m0fnu.
+    """
+    _check_scale_fmt(scale_fmt)
+    _check_hp(w, name)
+    if w.dim() < 2:
+        raise ValueError(f"{name}: expected at least 2 dims (..., N, K), got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}: contains NaN or Inf; block-FP8 quantization needs finite weights")
+    bn, bk = block_size
+    *lead, n, k = w.shape
+    gn, gk = scale_grid(n, k, block_size)
+    # Pad with zeros to whole blocks; zeros never raise a block's amax.
+    wp = torch.nn.functional.pad(w.float(), (0, gk * bk - k, 0, gn * bn - n))
+    blocks = wp.reshape(*lead, gn, bn, gk, bk)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., gn, gk]
+    s = amax_to_scale(amax, scale_fmt)
+    q = _to_fp8(w, _expand_blocks(s, w.shape, block_size))
+    return q, _store_scale(s, scale_fmt)
+
+
+def dequantize_weight(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """q[..., N, K] * s (block-expanded) -> [..., N, K] in ``dtype``."""
+    *lead, n, k = q.shape
+    expected = (*lead, *scale_grid(n, k, block_size))
+    if tuple(s.shape) != expected:
+        raise ValueError(
+            f"weight scale has shape {tuple(s.shape)}, expected {expected} for a weight of shape "
+            f"{tuple(q.shape)} with block_size {tuple(block_size)}"
+        )
+    return (q.float() * _expand_blocks(s, q.shape, block_size)).to(dtype)
+
+
+def quantize_act(
+    x: torch.Tensor, group_size: int = 128, scale_fmt: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization: x[..., K] -> q[..., K] fp8, s[..., ceil(K/G)] fp32.
+
+    Scales are always returned as float32 values (UE8M0 ones are powers of two), the layout
+    GEMM kernels consume.
+    """
+    _check_hp(x, "activation")
+    k = x.shape[-1]
+    groups = math.ceil(k / group_size)
+    xp = torch.nn.functional.pad(x.float(), (0, groups * group_size - k))
+    amax = xp.reshape(*x.shape[:-1], groups, group_size).abs().amax(dim=-1)
+    s = amax_to_scale(amax, scale_fmt)
+    q = _to_fp8(x, s.repeat_interleave(group_size, dim=-1)[..., :k])
+    return q, s
+
+
+def quantize_act_static(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor quantization with a calibrated scalar scale (from a checkpoint)."""
+    _check_hp(x, "activation")
+    return _to_fp8(x, act_scale.float().reshape(()))
+
+
+def dequantize_act(q: torch.Tensor, s: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """q[..., K] fp8 with s[..., ceil(K/G)] (or a scalar) -> fp32."""
+    if s.dim() == 0 or s.numel() == 1:
+        return q.float() * s.float().reshape(())
+    return q.float() * s.float().repeat_interleave(group_size, dim=-1)[..., : q.shape[-1]]
+
+
+def _scale_fmt_of(wscale: torch.Tensor) -> str:
+    return "ue8m0" if wscale.dtype == E8M0_DTYPE else "float32"
+
+
+def linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """Block-FP8 linear: quantize x (dynamic 1 x G, or static per tensor), then the fp32
+    product of the dequantized operands, plus bias, in x's dtype.
+
+    x[..., K], qweight[N, K] fp8, wscale[nN, nK] fp32 or e8m0 -> y[..., N].
+    With UE8M0 weight scales, dynamic activation scales are powers of two too.
+    """
+    if act_scale is None:
+        xq, xs = quantize_act(x, block_size[1], _scale_fmt_of(wscale))
+        xd = dequantize_act(xq, xs, block_size[1])
+    else:
+        xd = dequantize_act(quantize_act_static(x, act_scale), act_scale)
+    wd = dequantize_weight(qweight, wscale, block_size)
+    y = xd @ wd.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    offs: torch.Tensor,
+    act_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """Grouped (MoE) block-FP8 linear over tokens sorted by expert.
+
+    x[T, K]; qweight[E, N, K]; wscale[E, nN, nK]; offs[E] int, cumulative end row of each
+    expert's tokens (as torch._grouped_mm takes them); act_scale None or [E] (static).
+    Rows at or past offs[-1] are zeros. -> y[T, N] in x's dtype.
+    """
+    e, n, _ = qweight.shape
+    if offs.shape != (e,):
+        raise ValueError(f"offs must have shape ({e},) (one end offset per expert), got {tuple(offs.shape)}")
+    y = x.new_zeros(x.shape[0], n)
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        if end > start:
+            a = None if act_scale is None else act_scale[i]
+            y[start:end] = linear(x[start:end], qweight[i], wscale[i], None, a, block_size)
+        start = end
+    return y

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def heavy_tailed(*shape, dtype=torch.float32, seed=0, outliers=True):
+    """Student-t(2) values with a few planted outliers 1000x the typical magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, generator=g)
+    chi = torch.randn(*shape, 2, generator=g).pow(2).mean(-1).sqrt()
+    x = z / chi.clamp_min(1e-3)
+    if outliers:
+        idx = torch.randint(0, x.numel(), (max(1, x.numel() // 1000),), generator=g)
+        x.view(-1)[idx] *= 1000.0
+    return x.to(dtype)
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@pytest.fixture
+def tiny_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=256, experts_implementation="eager",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
