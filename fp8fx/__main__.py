@@ -1,4 +1,4 @@
-"""Command line: ``python -m fp8fx demo | bench``."""
+"""Command line: ``python -m fp8fx demo | convert | inspect | bench``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def bench(args) -> int:
     return 2
 
 
+def convert(args) -> int:
+    from fp8fx.config import BlockFP8Config
+    from fp8fx.convert import convert as run_convert
+
+    config = BlockFP8Config(scale_fmt=args.scale_fmt, modules_to_not_convert=tuple(args.exclude))
+    print(run_convert(args.src, args.dst, config, device=args.device))
+    return 0
+
+
+def inspect(args) -> int:
+    from fp8fx.convert import inspect as run_inspect
+
+    print("\n".join(run_inspect(args.path)))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,8 +113,23 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["gemm"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
+    p = sub.add_parser("convert", help="convert a bf16/fp16 transformers checkpoint directory to block FP8")
+    p.add_argument("src")
+    p.add_argument("dst", help="a new directory (must not exist)")
+    p.add_argument("--scale-fmt", choices=["float32", "ue8m0"], default="float32")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep modules matching PATTERN in high precision (repeatable; name, suffix or glob)")
+    p.add_argument("--device", default="cpu", help="where to quantize (cuda is faster)")
+    p.set_defaults(func=convert)
+    p = sub.add_parser("inspect", help="what a checkpoint holds and what fp8fx does with each GEMM")
+    p.add_argument("path")
+    p.set_defaults(func=inspect)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(e if str(e).startswith("fp8fx") else f"fp8fx: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ from fp8fx import reference
 from fp8fx.config import BlockFP8Config
 from fp8fx.tensor import BlockFP8Tensor
 
-__all__ = ["quantize_", "QuantizeReport", "LayerRecord", "expert_param_names", "quantize_weight_chunked"]
+__all__ = [
+    "quantize_",
+    "plan_quantization",
+    "QuantizationPlan",
+    "QuantizeReport",
+    "LayerRecord",
+    "expert_param_names",
+    "quantize_weight_chunked",
+]
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 # Rows quantized at a time: bounds quantize_'s temporaries to a few of these, not a layer.
@@ -133,6 +141,40 @@ def _validate(fqn: str, w: torch.Tensor) -> None:
         raise ValueError(f"fp8fx.quantize_: {fqn} contains NaN or Inf; block-FP8 quantization needs finite weights")
 
 
+@dataclass
+class QuantizationPlan:
+    """What quantize_ would do with each weight of a model, decided from shapes and names
+    alone (works on a meta-device model): ``todo`` holds (qualified name, module, param name)."""
+
+    todo: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    skipped: list[LayerRecord] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+
+
+def plan_quantization(
+    model: nn.Module,
+    config: Optional[BlockFP8Config] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> QuantizationPlan:
+    """Which weights of ``model`` quantize_ converts, and why it keeps the others."""
+    config = config or BlockFP8Config()
+    plan = QuantizationPlan()
+    aliases: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(fqn)
+    for mname, module, pname in _candidates(model):
+        w = getattr(module, pname)
+        fqn = f"{mname}.{pname}" if mname else pname
+        reason = _skip_reason(model, mname, module, pname, w, config, filter_fn, aliases)
+        if reason is None:
+            plan.todo.append((fqn, module, pname))
+        elif reason == "already quantized":
+            plan.already.append(fqn)
+        else:
+            plan.skipped.append(LayerRecord(fqn, tuple(w.shape), reason))
+    return plan
+
+
 def quantize_(
     model: nn.Module,
     config: Optional[BlockFP8Config] = None,
@@ -159,24 +201,13 @@ def quantize_(
             "quantize_ does not compute; load a checkpoint that carries them (fp8fx.load_quantized) "
             "or use activation_scheme='dynamic'"
         )
-    report = QuantizeReport()
-    aliases: dict[int, list[str]] = {}
-    for fqn, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(fqn)
+    plan = plan_quantization(model, config, filter_fn)
+    report = QuantizeReport(skipped=plan.skipped)
+    report.notes += [f"{fqn} is already a BlockFP8Tensor; left as it is" for fqn in plan.already]
+    for fqn, module, pname in plan.todo:
+        _validate(fqn, getattr(module, pname))
 
-    todo = []
-    for mname, module, pname in _candidates(model):
-        w = getattr(module, pname)
-        fqn = f"{mname}.{pname}" if mname else pname
-        reason = _skip_reason(model, mname, module, pname, w, config, filter_fn, aliases)
-        if reason is None:
-            _validate(fqn, w)
-            todo.append((fqn, module, pname))
-        elif reason == "already quantized":
-            report.notes.append(f"{fqn} is already a BlockFP8Tensor; left as it is")
-        else:
-            report.skipped.append(LayerRecord(fqn, tuple(w.shape), reason))
-
+    todo = plan.todo
     for fqn, module, pname in tqdm(todo, desc="fp8fx quantize", unit="weight", disable=None if progress is None else not progress):
         w = getattr(module, pname)
         q, s = quantize_weight_chunked(w.detach(), config.block_size, config.scale_fmt, fqn)
