@@ -219,4 +219,12 @@ def quantize_(
         del w
     if not todo and not report.notes:
         report.notes.append("nothing eligible to quantize; the model is unchanged")
+    if any(pname != "weight" for _, _, pname in todo):
+        from fp8fx.moe import use_fp8_experts
+
+        switched = use_fp8_experts(model)
+        if switched:
+            report.notes.append(
+                f"{len(switched)} experts modules now use experts_implementation='fp8fx' (grouped block-FP8 GEMMs)"
+            )
     return report

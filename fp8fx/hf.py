@@ -102,4 +102,7 @@ def from_pretrained(
     device = torch.device(device)
     load_quantized(model, path, strict=True, device=device, block_size=tuple(qc["weight_block_size"]))
     _materialize_buffers(model, device)
+    from fp8fx.moe import use_fp8_experts
+
+    use_fp8_experts(model)
     return model.eval()

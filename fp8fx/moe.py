@@ -1,0 +1,101 @@
+"""Block-FP8 experts for transformers v5 MoE modules: the "fp8fx" experts implementation.
+
+    tokens [T, H], top_k_index [T, k], top_k_weights [T, k]
+      sort the T*k (token, expert) pairs by expert -> x [S, H], offs [E] (device tensors)
+      h = fp8fx::grouped_linear(x, gate_up_proj)  -> gate(h) -> fp8fx::grouped_linear(.., down_proj)
+      weight by routing, unsort, sum over k       -> [T, H]
+
+No host synchronisation: counts come from histc, offsets from cumsum, and out-of-range
+expert ids trip a device-side assert instead of an ``.item()`` check.
+quantize_ switches a model's experts to this implementation when it converts them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from fp8fx.tensor import BlockFP8Tensor
+
+__all__ = ["EXPERTS_IMPLEMENTATION", "register_experts_implementation", "use_fp8_experts", "grouped_experts_forward"]
+
+EXPERTS_IMPLEMENTATION = "fp8fx"
+
+
+def _grouped(x: torch.Tensor, w: BlockFP8Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fp8fx.grouped_linear(x, w.qdata, w.scale, offs, w.act_scale, list(w.block_size))
+
+
+def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """transformers experts forward over BlockFP8Tensor weights (see the module docstring)."""
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    if not isinstance(up, BlockFP8Tensor) or not isinstance(self.down_proj, BlockFP8Tensor):
+        # This module's experts stayed in high precision (excluded): transformers' own path.
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if getattr(self, "has_post_expert_norm", False) or getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError("fp8fx: experts with a post-expert norm or expert parallelism are not supported yet")
+    num_experts = up.shape[0]
+    k = top_k_index.shape[-1]
+    tokens, hidden = hidden_states.shape
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(
+            f"fp8fx: routing weights have shape {tuple(top_k_weights.shape)}, the expert ids {tuple(top_k_index.shape)}; "
+            f"they must match ([tokens, top_k])"
+        )
+    expert_ids = top_k_index.reshape(-1)
+    torch._assert_async(
+        ((expert_ids >= 0) & (expert_ids < num_experts)).all(),
+        f"fp8fx: expert ids must lie in [0, {num_experts})",
+    )
+    ids_sorted, perm = torch.sort(expert_ids)
+    x = hidden_states[perm // k]  # [S, H], grouped by expert
+    # histc takes floats on CPU; on CUDA ints keep it exact and graph-capturable.
+    counts_in = ids_sorted.float() if ids_sorted.device.type == "cpu" else ids_sorted.int()
+    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+    h = _grouped(x, up, offs)
+    if getattr(self, "has_bias", False):
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids_sorted]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = _grouped(h, self.down_proj, offs)
+    if getattr(self, "has_bias", False):
+        y = y + self.down_proj_bias[ids_sorted]
+    y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
+    out = torch.empty_like(y)
+    out[perm] = y
+    return out.view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+@functools.cache
+def register_experts_implementation() -> bool:
+    """Register "fp8fx" with transformers' experts interface (once); False without it."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, grouped_experts_forward)
+    return True
+
+
+def use_fp8_experts(model: nn.Module) -> list[str]:
+    """Point every transformers experts module whose weights are BlockFP8Tensor at the fp8fx
+    implementation. Returns the names of the modules switched."""
+    switched = []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        weight = getattr(module, "gate_up_proj", None)
+        if weight is None:
+            weight = getattr(module, "up_proj", None)
+        if not isinstance(weight, BlockFP8Tensor) or weight.dim() != 3 or config is None:
+            continue
+        if not hasattr(config, "_experts_implementation") or not register_experts_implementation():
+            continue
+        if config._experts_implementation != EXPERTS_IMPLEMENTATION:
+            config._experts_implementation = EXPERTS_IMPLEMENTATION
+        switched.append(name)
+    return switched
