@@ -44,3 +44,31 @@ def tiny_qwen3_moe():
     )
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def run_interpreted(test_file: str) -> None:
+    """Re-run ``test_file`` in a fresh interpreter with TRITON_INTERPRET=1.
+
+    Triton decides interpreted vs compiled when a kernel is decorated, i.e. at the first
+    import of fp8fx.kernels, which another test file may already have done. The inner run
+    sets FP8FX_INTERPRET_INNER=1; kernel tests there are marked with ``interpreted``.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", FP8FX_INTERPRET_INNER="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed, 1 skipped" in summary, summary  # only the launcher itself is skipped
+
+
+INTERPRET_INNER = __import__("os").environ.get("FP8FX_INTERPRET_INNER") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET_INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")

@@ -1,0 +1,179 @@
+"""Grouped (MoE) block-FP8 GEMM over tokens sorted by expert, contiguous layout (Triton).
+
+Legend: T rows (token-expert pairs, sorted by expert), E experts, N out_features,
+K in_features, BM rows per tile, nK = ceil(K / 128).
+
+    a[T, K] fp8 with sa[T, nK] fp32 (any strides: a static scale is a stride-0 view)
+    b[E, N, K] fp8 with sb[E, ceil(N/128), nK] fp32 or e8m0
+    offs[E] int32: cumulative end row of each expert; rows >= offs[-1] are written as zeros
+    y[T, N] = for each expert e, rows offs[e-1]:offs[e]:  dequant(a) @ dequant(b[e]).T
+
+No host synchronisation: the tile -> (expert, first row) map is built on the device from
+offs (cumsum + searchsorted) over a grid sized for the worst case, cdiv(T, BM) + E + 1
+row tiles; tiles past the last one return at once. The tail past offs[-1] is one more
+pseudo-group whose tiles store zeros, so the output needs no memset.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8fx import reference
+from fp8fx.kernels.act_quant import act_quant, interpreting
+
+__all__ = ["grouped_gemm", "grouped_linear"]
+
+BLOCK_K = 128
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr,
+    # shapes
+    N, K, E,
+    # strides
+    stride_am, stride_sam, stride_sak,
+    stride_be, stride_bn, stride_sbe, stride_sbn, stride_sbk,
+    stride_cm,
+    # meta-parameters
+    B_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.load(tile_group_ptr + pid_m)
+    if g < 0:  # past the last tile of this batch
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(group_end_ptr + g)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < row_end
+    n_ok = offs_n < N
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if g == E:  # rows no expert owns
+        tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
+        return
+
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = tl.where(m_ok, offs_m, row0).to(tl.int64)
+    rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + g.to(tl.int64) * stride_be + rn[None, :] * stride_bn + offs_k[:, None]
+    sa_ptrs = sa_ptr + rm * stride_sam
+    # BLOCK_N <= 128 and a multiple of it divides 128: the tile sits in one weight block row.
+    sb_ptrs = sb_ptr + g * stride_sbe + (pid_n * BLOCK_N // 128) * stride_sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + offs_k < K
+        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None], other=0.0)
+        sa = tl.load(sa_ptrs + kb * stride_sak)
+        if B_SCALE_E8M0:
+            sb = (tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+        acc += tl.dot(a, b) * (sa * sb)[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _tile_map(offs: torch.Tensor, rows: int, block_m: int):
+    """Device-side tile -> (group, first row) map; group E is the unowned tail, -1 unused."""
+    e = offs.numel()
+    ends = torch.cat([offs.to(torch.int64), offs.new_full((1,), rows, dtype=torch.int64)])  # [E + 1]
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    counts = (ends - starts).clamp_min(0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    max_tiles = triton.cdiv(rows, block_m) + e + 1
+    ids = torch.arange(max_tiles, device=offs.device)
+    group = torch.searchsorted(tile_end, ids, right=True)  # [max_tiles], == E + 1 when unused
+    valid = group <= e
+    g = group.clamp_max(e)
+    first_tile = tile_end[g] - tiles[g]
+    row0 = starts[g] + (ids - first_tile) * block_m
+    tile_group = torch.where(valid, g, -1).to(torch.int32)
+    return tile_group, row0.to(torch.int32), ends.to(torch.int32), max_tiles
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_m: int = 64,
+    block_n: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8,
+    sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N] (see the module docstring)."""
+    # (1) check
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"fp8fx grouped_gemm: expected a[T, K] and b[E, N, K], got {tuple(a.shape)}, {tuple(b.shape)}")
+    t, k = a.shape
+    e, n, _ = b.shape
+    if b.shape[2] != k or k % 16:
+        raise ValueError(f"fp8fx grouped_gemm: K must match ({k} vs {b.shape[2]}) and be a multiple of 16")
+    if a.dtype != reference.FP8_DTYPE or b.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx grouped_gemm: expected fp8 e4m3 operands, got {a.dtype} and {b.dtype}")
+    if tuple(offs.shape) != (e,):
+        raise ValueError(f"fp8fx grouped_gemm: offs must have shape ({e},), got {tuple(offs.shape)}")
+    if not (a.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx grouped_gemm: the Triton kernel needs CUDA tensors, got {a.device}")
+    if 128 % block_n:
+        raise ValueError("fp8fx grouped_gemm: block_n must divide 128")
+    if tuple(sa.shape) != (t, triton.cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
+        raise ValueError(
+            f"fp8fx grouped_gemm: activation scales must be fp32 ({t}, {triton.cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
+        )
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    e8m0 = sb.dtype == reference.E8M0_DTYPE
+    sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
+
+    # (2) allocate
+    out = torch.empty(t, n, dtype=out_dtype, device=a.device)
+    if t == 0 or n == 0:
+        return out
+    tile_group, tile_row, group_end, max_tiles = _tile_map(offs, t, block_m)
+
+    # (3) launch
+    grid = (max_tiles, triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](
+        a, sa, b, sb_t, out, tile_group, tile_row, group_end,
+        n, k, e,
+        a.stride(0), sa.stride(0), sa.stride(1),
+        b.stride(0), b.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2),
+        out.stride(0),
+        B_SCALE_E8M0=e8m0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _block_m_for(rows: int, experts: int) -> int:
+    # Few rows per expert (decode) waste most of a 64-row tile; 16 is the fp8 MMA minimum.
+    per_expert = rows / max(experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+
+
+def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
+    """CUDA implementation of fp8fx::grouped_linear: quantize x per token, grouped GEMM."""
+    ue8m0 = wscale.dtype == reference.E8M0_DTYPE
+    if act_scale is None:
+        xq, xs = act_quant(x, ue8m0=ue8m0, group_size=block_size[1])
+    else:
+        # Static per-expert scales: each row is quantized with its expert's scale.
+        rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+        expert_of_row = torch.searchsorted(offs, rows, right=True).clamp_max(offs.numel() - 1)
+        row_scale = act_scale.float()[expert_of_row]
+        xq = (x.float() / row_scale[:, None]).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(reference.FP8_DTYPE)
+        xs = row_scale[:, None].expand(-1, triton.cdiv(x.shape[1], BLOCK_K))
+    bm = _block_m_for(x.shape[0], qweight.shape[0])
+    return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm)
