@@ -88,3 +88,13 @@ def test_bad_input():
         grouped_gemm(a, torch.ones(4, 1), q, s, torch.tensor([4], dtype=torch.int32))
     with pytest.raises(ValueError, match="activation scales must be fp32"):
         grouped_gemm(a, torch.ones(4, 2), q, s, torch.tensor([2, 4], dtype=torch.int32))
+
+
+@pytest.mark.skipif(INTERPRET_INNER, reason="the interpreter runs kernels on CPU tensors by design")
+def test_cpu_tensors_rejected_without_interpreter():
+    from fp8fx.kernels.grouped_gemm import grouped_gemm
+
+    q = torch.zeros(2, 32, 128, dtype=torch.float8_e4m3fn)
+    a = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        grouped_gemm(a, torch.ones(4, 1), q, torch.ones(2, 1, 1), torch.tensor([2, 4], dtype=torch.int32))

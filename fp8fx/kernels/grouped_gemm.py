@@ -124,14 +124,14 @@ def grouped_gemm(
         raise TypeError(f"fp8fx grouped_gemm: expected fp8 e4m3 operands, got {a.dtype} and {b.dtype}")
     if tuple(offs.shape) != (e,):
         raise ValueError(f"fp8fx grouped_gemm: offs must have shape ({e},), got {tuple(offs.shape)}")
-    if not (a.is_cuda or interpreting()):
-        raise RuntimeError(f"fp8fx grouped_gemm: the Triton kernel needs CUDA tensors, got {a.device}")
     if 128 % block_n:
         raise ValueError("fp8fx grouped_gemm: block_n must divide 128")
     if tuple(sa.shape) != (t, triton.cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
         raise ValueError(
             f"fp8fx grouped_gemm: activation scales must be fp32 ({t}, {triton.cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
         )
+    if not (a.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx grouped_gemm: the Triton kernel needs CUDA tensors, got {a.device}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     e8m0 = sb.dtype == reference.E8M0_DTYPE
