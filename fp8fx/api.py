@@ -201,6 +201,10 @@ def quantize_(
             "quantize_ does not compute; load a checkpoint that carries them (fp8fx.load_quantized) "
             "or use activation_scheme='dynamic'"
         )
+    if config.kernel != "auto":
+        from fp8fx.kernels import dispatch
+
+        dispatch.set_preference(config.kernel)  # process-wide: kernels are chosen per call
     plan = plan_quantization(model, config, filter_fn)
     report = QuantizeReport(skipped=plan.skipped)
     report.notes += [f"{fqn} is already a BlockFP8Tensor; left as it is" for fqn in plan.already]

@@ -1,8 +1,8 @@
 """Every ``torch.ops.fp8fx.*`` custom op, with its fake (meta) implementation.
 
-This is the only module that names ops. Each op's default implementation is the pure-torch
-reference (any device); device kernels are registered per backend by ``fp8fx.kernels``
-and chosen through ``_cuda_impl`` below.
+This is the only module that names ops. On CPU (and any non-CUDA device) each op runs the
+pure-torch reference; on CUDA it runs ``fp8fx.kernels`` (Triton, cuBLAS, DeepGEMM), looked
+up in ``_cuda_impl`` below.
 
 Legend: T tokens, N out_features, K in_features, E experts.
 
@@ -78,9 +78,17 @@ def check_linear_args(x, qweight, wscale, bias, act_scale, block_size) -> None:
     _check_same_device(input=x, qweight=qweight, wscale=wscale, bias=bias, act_scale=act_scale)
 
 
-# Kernels register themselves here by op name, keyed "linear", "act_quant", ...; the CUDA
-# implementations below call them when present and fall back to the reference otherwise.
+# CUDA implementations by op name ("linear", "act_quant", ...), filled by
+# fp8fx.kernels.register() on the first CUDA call (importing Triton is not free).
 _cuda_impl: dict[str, callable] = {}
+
+
+def _cuda(name: str):
+    if not _cuda_impl:
+        from fp8fx import kernels
+
+        kernels.register()
+    return _cuda_impl.get(name)
 
 
 @torch.library.custom_op("fp8fx::linear", mutates_args=())
@@ -93,8 +101,8 @@ def linear(
     block_size: list[int],
 ) -> Tensor:
     check_linear_args(x, qweight, wscale, bias, act_scale, block_size)
-    if x.is_cuda and "linear" in _cuda_impl:
-        return _cuda_impl["linear"](x, qweight, wscale, bias, act_scale, block_size)
+    if x.is_cuda and _cuda("linear"):
+        return _cuda("linear")(x, qweight, wscale, bias, act_scale, block_size)
     return reference.linear(x, qweight, wscale, bias, act_scale, tuple(block_size))
 
 
@@ -124,8 +132,8 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 @torch.library.custom_op("fp8fx::act_quant", mutates_args=())
 def act_quant(x: Tensor, group_size: int, ue8m0: bool) -> tuple[Tensor, Tensor]:
-    if x.is_cuda and "act_quant" in _cuda_impl:
-        return _cuda_impl["act_quant"](x, group_size, ue8m0)
+    if x.is_cuda and _cuda("act_quant"):
+        return _cuda("act_quant")(x, group_size, ue8m0)
     return reference.quantize_act(x, group_size, "ue8m0" if ue8m0 else "float32")
 
 
@@ -146,8 +154,8 @@ def block_gemm(
     block_size: list[int],
     out_dtype: torch.dtype,
 ) -> Tensor:
-    if xq.is_cuda and "block_gemm" in _cuda_impl:
-        return _cuda_impl["block_gemm"](xq, xs, qweight, wscale, bias, block_size, out_dtype)
+    if xq.is_cuda and _cuda("block_gemm"):
+        return _cuda("block_gemm")(xq, xs, qweight, wscale, bias, block_size, out_dtype)
     xd = reference.dequantize_act(xq, xs, block_size[1])
     y = xd @ reference.dequantize_weight(qweight, wscale, tuple(block_size)).t()
     if bias is not None:
@@ -185,8 +193,8 @@ def grouped_linear(
     block_size: list[int],
 ) -> Tensor:
     check_grouped_args(x, qweight, wscale, offs, act_scale, block_size)
-    if x.is_cuda and "grouped_linear" in _cuda_impl:
-        return _cuda_impl["grouped_linear"](x, qweight, wscale, offs, act_scale, block_size)
+    if x.is_cuda and _cuda("grouped_linear"):
+        return _cuda("grouped_linear")(x, qweight, wscale, offs, act_scale, block_size)
     return reference.grouped_linear(x, qweight, wscale, offs, act_scale, tuple(block_size))
 
 

@@ -63,7 +63,10 @@ def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
 def amax_to_scale(amax: torch.Tensor, scale_fmt: str = "float32") -> torch.Tensor:
     """Dequantization scale (fp32 values) for a block whose largest magnitude is ``amax``."""
     _check_scale_fmt(scale_fmt)
-    s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_EPS)
+    # Tensor / tensor: CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which is not IEEE division and flips 1-ulp scales against the CPU.
+    s = amax / torch.full_like(amax, FP8_MAX)
     return _pow2_ceil(s) if scale_fmt == "ue8m0" else s
 
 
@@ -162,7 +165,8 @@ def quantize_act(
 def quantize_act_static(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
     """Static per-tensor quantization with a calibrated scalar scale (from a checkpoint)."""
     _check_hp(x, "activation")
-    return _to_fp8(x, act_scale.float().reshape(()))
+    # On x's device: a CPU scalar divisor would make CUDA multiply by its reciprocal.
+    return _to_fp8(x, act_scale.float().reshape(()).to(x.device))
 
 
 def dequantize_act(q: torch.Tensor, s: torch.Tensor, group_size: int = 128) -> torch.Tensor:

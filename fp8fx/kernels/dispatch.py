@@ -1,0 +1,197 @@
+"""Which block-FP8 GEMM backend runs a given shape, and which Triton config.
+
+    preference "auto"     -> the measured table below, per shape class
+    preference "triton"   -> fp8fx's Triton kernels
+    preference "cublas"   -> torch._scaled_mm blockwise (bf16 output, dynamic 1x128 scales)
+    preference "deepgemm" -> DeepGEMM when it loads (bf16 output, K % 128 == 0, N % 64 == 0)
+A backend that cannot run a shape falls through: deepgemm -> cublas -> triton.
+
+Shape classes are token-count buckets (M). The tables come from ``python -m fp8fx bench gemm`` (and ``--sweep`` for the Triton
+configs); NOTES.md beside this file holds the measurements they were read from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from fp8fx.kernels.block_gemm import GemmConfig
+
+__all__ = [
+    "PREFERENCES",
+    "set_preference",
+    "get_preference",
+    "preference",
+    "shape_class",
+    "choose",
+    "triton_config",
+]
+
+PREFERENCES = ("auto", "triton", "cublas", "deepgemm")
+
+# (upper bound on M, name). The first bucket whose bound is >= M is the shape class.
+SHAPE_CLASSES = ((16, "decode"), (64, "m64"), (128, "m128"), (512, "m512"), (float("inf"), "large"))
+
+# "auto": the winner of each benchmarked shape, (GEMM alone, linear incl. activation quant),
+# from ``python -m fp8fx bench gemm`` on an H200 (torch 2.11+cu130, Triton 3.6, CUDA-graph
+# medians, 2026-11-22; NOTES.md). A shape not in the table takes the choice of the nearest
+# measured shape in its class (distance: sum of |log2| ratios of M, N and K).
+MEASURED = {
+    (64, 2112, 7168): ("triton", "triton"),
+    (64, 24576, 1536): ("triton", "triton"),
+    (64, 32768, 512): ("cublas", "cublas"),
+    (64, 7168, 16384): ("cublas", "cublas"),
+    (64, 4096, 7168): ("triton", "triton"),
+    (64, 7168, 2048): ("cublas", "cublas"),
+    (128, 2112, 7168): ("triton", "triton"),
+    (128, 24576, 1536): ("cublas", "cublas"),
+    (128, 32768, 512): ("cublas", "cublas"),
+    (128, 7168, 16384): ("cublas", "cublas"),
+    (128, 4096, 7168): ("cublas", "cublas"),
+    (128, 7168, 2048): ("cublas", "cublas"),
+    (4096, 2112, 7168): ("cublas", "cublas"),
+    (4096, 24576, 1536): ("cublas", "cublas"),
+    (4096, 32768, 512): ("cublas", "cublas"),
+    (4096, 7168, 16384): ("cublas", "cublas"),
+    (4096, 4096, 7168): ("cublas", "cublas"),
+    (4096, 7168, 2048): ("cublas", "cublas"),
+    (1, 6144, 4096): ("triton", "triton"),
+    (1, 4096, 4096): ("triton", "triton_fused"),
+    (1, 28672, 4096): ("triton", "cublas"),
+    (1, 4096, 14336): ("triton", "triton"),
+    (16, 6144, 4096): ("triton", "triton"),
+    (16, 4096, 4096): ("triton", "triton_fused"),
+    (16, 28672, 4096): ("triton", "triton"),
+    (16, 4096, 14336): ("triton", "triton"),
+    (128, 6144, 4096): ("cublas", "cublas"),
+    (128, 4096, 4096): ("cublas", "cublas"),
+    (128, 28672, 4096): ("cublas", "cublas"),
+    (128, 4096, 14336): ("triton", "triton"),
+    (2048, 6144, 4096): ("cublas", "cublas"),
+    (2048, 4096, 4096): ("cublas", "cublas"),
+    (2048, 28672, 4096): ("cublas", "cublas"),
+    (2048, 4096, 14336): ("cublas", "cublas"),
+    (8192, 6144, 4096): ("cublas", "cublas"),
+    (8192, 4096, 4096): ("cublas", "cublas"),
+    (8192, 28672, 4096): ("cublas", "cublas"),
+    (8192, 4096, 14336): ("cublas", "cublas"),
+    (1, 576, 7168): ("triton", "triton_fused"),
+    (1, 2112, 7168): ("triton", "triton_fused"),
+    (1, 4096, 4480): ("triton", "triton_fused"),
+    (7, 576, 7168): ("triton", "triton_fused"),
+    (7, 2112, 7168): ("triton", "triton_fused"),
+    (7, 4096, 4480): ("triton", "triton_fused"),
+    (300, 576, 7168): ("triton", "triton"),
+    (300, 2112, 7168): ("cublas", "cublas"),
+    (300, 4096, 4480): ("triton", "triton"),
+}
+
+# The Triton family's linear route per class, used under preference "triton".
+AUTO_LINEAR = {
+    "decode": "triton_fused",
+    "m64": "triton",
+    "m128": "triton",
+    "m512": "triton",
+    "large": "triton",
+}
+
+# Best of block_gemm.CONFIGS per class in the sweep of NOTES.md (H200, run 1).
+TRITON_DEFAULTS = {
+    "decode": GemmConfig(16, 64, 4, 4),
+    "m64": GemmConfig(64, 64, 4, 4),
+    "m128": GemmConfig(64, 128, 4, 4),
+    "m512": GemmConfig(64, 64, 4, 4),
+    "large": GemmConfig(128, 128, 8, 4),
+}
+
+_preference = os.environ.get("FP8FX_KERNEL", "auto")
+
+
+def _check(pref: str) -> str:
+    if pref not in PREFERENCES:
+        raise ValueError(f"fp8fx: kernel preference must be one of {PREFERENCES}, got {pref!r}")
+    return pref
+
+
+def set_preference(pref: str) -> None:
+    """Process-wide kernel preference (BlockFP8Config's ``kernel`` sets this)."""
+    global _preference
+    _preference = _check(pref)
+
+
+def get_preference() -> str:
+    return _check(_preference)
+
+
+@contextlib.contextmanager
+def preference(pref: str):
+    """Scoped kernel preference: ``with dispatch.preference("cublas"): ...``."""
+    global _preference
+    saved, _preference = _preference, _check(pref)
+    try:
+        yield
+    finally:
+        _preference = saved
+
+
+def shape_class(m: int) -> str:
+    return next(name for bound, name in SHAPE_CLASSES if m <= bound)
+
+
+def _measured_choice(m: int, n: int, k: int) -> tuple[str, str]:
+    cls = shape_class(m)
+    same_class = [key for key in MEASURED if shape_class(key[0]) == cls] or list(MEASURED)
+    dist = lambda key: sum(abs(math.log2(a / b)) for a, b in zip((m, n, k), key))
+    return MEASURED[min(same_class, key=dist)]
+
+
+def triton_config(m: int, n: int, k: int, a_hp: bool = False) -> GemmConfig:
+    return TRITON_DEFAULTS[shape_class(m)]
+
+
+def _cublas_ok(k: int, out_dtype: torch.dtype, static_act: bool) -> bool:
+    from fp8fx.kernels import cublas
+
+    return cublas.supports(k, out_dtype) and not static_act
+
+
+def _deepgemm_ok(m, n, k, out_dtype, device, static_act) -> bool:
+    from fp8fx.kernels import deepgemm
+
+    return not static_act and deepgemm.supports(m, n, k, out_dtype, device)
+
+
+def choose(
+    m: int,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    *,
+    fused_quant: bool = False,
+    static_act: bool = False,
+    pref: str | None = None,
+) -> str:
+    """Backend for one GEMM: "triton_fused" (only when ``fused_quant``), "triton", "cublas"
+    or "deepgemm". ``fused_quant``: the caller holds high-precision activations (linear)."""
+    pref = _check(pref or _preference)
+    cls = shape_class(m)
+    if pref == "auto":
+        gemm_choice, linear_choice = _measured_choice(m, n, k)
+        pref = linear_choice if fused_quant else gemm_choice
+    if pref == "deepgemm":
+        if _deepgemm_ok(m, n, k, out_dtype, device, static_act):
+            return "deepgemm"
+        pref = "cublas"
+    if pref == "cublas":
+        if _cublas_ok(k, out_dtype, static_act):
+            return "cublas"
+        pref = "triton"
+    if pref == "triton" and fused_quant and AUTO_LINEAR[cls] == "triton_fused":
+        pref = "triton_fused"  # the Triton family's best choice for this class
+    if pref == "triton_fused" and (not fused_quant or static_act):
+        pref = "triton"
+    return pref

@@ -1,0 +1,184 @@
+"""fp8fx.kernels on the GPU: every backend against fp8fx.reference (marked gpu, skipped without CUDA).
+
+Legend: M tokens, N out_features, K in_features. Outputs come from the caching allocator
+after it has been filled with NaN ("poisoned"), so an unwritten element shows as NaN.
+"""
+
+import pytest
+import torch
+
+from fp8fx import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# shapes.json dense "edge" set, small DSV3/Llama shapes, and a large one per class.
+SHAPES = [
+    (1, 576, 7168), (7, 2112, 7168), (300, 4096, 4480),
+    (1, 4096, 4096), (16, 6144, 4096), (64, 2112, 7168), (128, 7168, 2048),
+    (2048, 4096, 4096), (33, 144, 272),
+]
+
+
+def _poison():
+    torch.empty(256 * 2**20, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def _x(m, k, dtype=torch.bfloat16, seed=0, outliers=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    if outliers:
+        x = x * torch.exp2(torch.randint(-12, 12, (m, k), device="cuda", generator=g).float())
+        x[:, ::97] *= 1000.0
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)  # stay finite in fp16
+    return x.to(dtype)
+
+
+def _weight(n, k, scale_fmt, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    return reference.quantize_weight(w, (128, 128), scale_fmt)
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _exact_linear(x, wq, ws, bias, scale_fmt):
+    # Quantize with the reference on the CPU (the oracle; see test_reference_cuda_vs_cpu),
+    # then the exact product in fp64 on the GPU.
+    xq, xs = reference.quantize_act(x.cpu(), 128, scale_fmt)
+    xd = reference.dequantize_act(xq, xs).double().cuda()
+    y = xd @ reference.dequantize_weight(wq, ws).double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("m,k", [(1, 7168), (7, 4480), (300, 272), (4096, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_act_quant_bit_exact(m, k, dtype, ue8m0):
+    from fp8fx.kernels.act_quant import act_quant
+
+    x = _x(m, k, dtype, seed=m + k, outliers=True)
+    x[0] = 0.0
+    q_ref, s_ref = reference.quantize_act(x.cpu(), 128, "ue8m0" if ue8m0 else "float32")
+    _poison()
+    q, s = act_quant(x, ue8m0)
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.cpu().view(torch.int32), s_ref.view(torch.int32))
+    _poison()
+    qp, sp = act_quant(x, ue8m0, col_major=True, pad_rows=4)
+    assert sp.stride() == (1, qp.shape[0]) and qp.shape[0] % 4 == 0
+    assert torch.equal(qp[:m].cpu().view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(sp[:m].cpu(), s_ref)
+
+
+def test_act_quant_static_bit_exact():
+    from fp8fx.kernels.act_quant import act_quant_static
+
+    x = _x(300, 4480, seed=3, outliers=True)
+    a = torch.tensor(0.01, device="cuda")
+    assert torch.equal(act_quant_static(x, a).cpu().view(torch.uint8),
+                       reference.quantize_act_static(x.cpu(), a.cpu()).view(torch.uint8))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("backend", ["triton", "triton_fused", "cublas", "auto"])
+def test_linear_backends(m, n, k, scale_fmt, backend):
+    from fp8fx.kernels import dispatch, linear_cuda
+
+    wq, ws = _weight(n, k, scale_fmt, seed=n)
+    bias = torch.randn(n, device="cuda").bfloat16() if m % 2 else None
+    x = _x(m, k, seed=m, outliers=(n % 3 == 0))
+    ref = _exact_linear(x, wq, ws, None if bias is None else bias.float(), scale_fmt)
+    pref = "triton" if backend == "triton_fused" else backend
+    saved = dict(dispatch.AUTO_LINEAR)
+    try:
+        if backend in ("triton", "triton_fused"):
+            dispatch.AUTO_LINEAR.update({c: backend for c in saved})
+        with dispatch.preference(pref):
+            _poison()
+            y = linear_cuda(x, wq, ws, bias, None, [128, 128])
+    finally:
+        dispatch.AUTO_LINEAR.update(saved)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert torch.isfinite(y).all()
+    assert _rel(y, ref) <= 2e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (64, 2112, 7168), (2048, 4096, 4096)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_block_gemm_out_dtypes_and_split_k(m, n, k, out_dtype):
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.block_gemm import GemmConfig, block_gemm
+
+    wq, ws = _weight(n, k, "ue8m0")
+    x = _x(m, k, seed=5)
+    xq, xs = act_quant(x, True)
+    ref = reference.dequantize_act(xq, xs).double() @ reference.dequantize_weight(wq, ws).double().t()
+    for cfg in (None, GemmConfig(16, 64, 4, 4, split_k=4), GemmConfig(64, 256, 4, 3, split_k=1)):
+        _poison()
+        y = block_gemm(xq, xs, wq, ws, None, out_dtype, config=cfg)
+        assert torch.isfinite(y).all()
+        # Hopper's fp8 wgmma accumulates with ~14 mantissa bits inside one 128-wide K block
+        # (DeepSeek-V3 report; measured here: 1.3e-4 for Triton and cuBLAS alike), so even
+        # an fp32 output is ~1e-4 from the exact product; the issue's bound is 2e-3.
+        tol = 5e-4 if out_dtype == torch.float32 else 2e-3
+        assert _rel(y, ref) <= tol, cfg
+
+
+def test_ops_registered_and_static_scale():
+    from fp8fx import ops
+    from fp8fx.kernels import register
+
+    register()
+    wq, ws = _weight(2112, 7168, "float32")
+    x = _x(15, 7168).reshape(3, 5, 7168)
+    y = torch.ops.fp8fx.linear(x, wq, ws, None, None, [128, 128])
+    ref = reference.linear(x.cpu(), wq.cpu(), ws.cpu())
+    assert y.shape == (3, 5, 2112) and _rel(y.float().cpu(), ref.double()) <= 2e-3
+    a = torch.tensor(0.02, device="cuda")
+    y = torch.ops.fp8fx.linear(x, wq, ws, None, a, [128, 128])
+    assert _rel(y.float().cpu(), reference.linear(x.cpu(), wq.cpu(), ws.cpu(), None, a.cpu()).double()) <= 2e-3
+    q, s = torch.ops.fp8fx.act_quant(x, 128, True)
+    q_ref, s_ref = reference.quantize_act(x.cpu(), 128, "ue8m0")
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
+    for pref in ("triton", "cublas"):
+        from fp8fx.kernels import dispatch
+
+        with dispatch.preference(pref):
+            y = torch.ops.fp8fx.block_gemm(q, s, wq, ws, None, [128, 128], torch.bfloat16)
+        ref = reference.dequantize_act(q_ref, s_ref) @ reference.dequantize_weight(wq.cpu(), ws.cpu()).t()
+        assert y.shape == (3, 5, 2112) and _rel(y.float().cpu(), ref.double()) <= 2e-3, pref
+    assert ops._cuda_impl["linear"] is not None
+
+
+def test_bad_inputs_cuda():
+    from fp8fx.kernels import linear_cuda
+
+    wq, ws = _weight(256, 256, "float32")
+    assert linear_cuda(_x(0, 256), wq, ws, None, None, [128, 128]).shape == (0, 256)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        linear_cuda(_x(4, 256).cpu(), wq, ws, None, None, [128, 128])
+    wq40 = torch.zeros(256, 40, dtype=reference.FP8_DTYPE, device="cuda")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        linear_cuda(_x(4, 40), wq40, ws[:, :1].contiguous(), None, None, [128, 128])
+    xt = _x(256, 8).t()  # non-contiguous [8, 256]
+    y = linear_cuda(xt, wq, ws, None, None, [128, 128])
+    assert _rel(y, _exact_linear(xt.contiguous(), wq, ws, None, "float32")) <= 2e-3
+
+
+def test_reference_cuda_vs_cpu():
+    """Does fp8fx.reference quantize identically on CUDA and on the CPU?"""
+    x = _x(512, 7168, seed=11)
+    for fmt in ("float32", "ue8m0"):
+        q_gpu, s_gpu = reference.quantize_act(x, 128, fmt)
+        q_cpu, s_cpu = reference.quantize_act(x.cpu(), 128, fmt)
+        codes = (q_gpu.cpu().view(torch.uint8) != q_cpu.view(torch.uint8)).float().mean().item()
+        scales = (s_gpu.cpu().view(torch.int32) != s_cpu.view(torch.int32)).float().mean().item()
+        print(f"reference {fmt}: CUDA vs CPU differ in {codes:.2e} of codes, {scales:.2e} of scales")
+        assert scales == 0.0 and codes == 0.0, (fmt, codes, scales)

@@ -1,0 +1,299 @@
+"""fp8fx.kernels on CPU: Triton kernels under TRITON_INTERPRET=1 against fp8fx.reference.
+
+Triton picks interpreted or compiled when a kernel is decorated, i.e. when fp8fx.kernels is
+first imported; another test file may already have imported it. So one launcher test re-runs
+this file in a fresh interpreter with TRITON_INTERPRET=1, where the kernel tests run (and
+check that they really are interpreted). Layout, dispatch and bad-input tests need no kernel
+launch and run in both processes.
+
+Legend: M tokens, N out_features, K in_features.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp8fx import reference
+
+INNER = os.environ.get("FP8FX_INTERPRET_INNER") == "1"
+interpreted = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+@pytest.mark.skipif(INNER, reason="this is the launcher")
+def test_interpreted_suite():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", FP8FX_INTERPRET_INNER="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed, 1 skipped" in summary, summary  # only the launcher itself is skipped
+
+
+def _x(m, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=g)]
+    if m > 2:
+        x[1] = 0.0  # an all-zero token: AMAX_EPS scale, zero codes
+        x[2, :: max(1, k // 7)] *= 300.0  # outliers
+    return x.to(dtype)
+
+
+def _bits(q):
+    return q.view(torch.uint8)
+
+
+# --- kernels, interpreted -------------------------------------------------------------------
+
+
+@interpreted
+def test_really_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fp8fx.kernels import act_quant, block_gemm
+
+    assert isinstance(act_quant._act_quant_kernel, InterpretedFunction)
+    assert isinstance(block_gemm._block_gemm_kernel, InterpretedFunction)
+
+
+@interpreted
+@pytest.mark.parametrize("m,k", [(1, 16), (5, 272), (33, 128), (3, 400)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_act_quant_bit_exact(m, k, dtype, ue8m0):
+    from fp8fx.kernels.act_quant import act_quant
+
+    x = _x(m, k, dtype, seed=m * 1000 + k)
+    q, s = act_quant(x, ue8m0)
+    q_ref, s_ref = reference.quantize_act(x, 128, "ue8m0" if ue8m0 else "float32")
+    assert torch.equal(_bits(q), _bits(q_ref))
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
+
+
+@interpreted
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_act_quant_padded_col_major(m):
+    from fp8fx.kernels.act_quant import act_quant
+
+    x = _x(m, 272, torch.bfloat16, seed=m)
+    q, s = act_quant(x, False, col_major=True, pad_rows=4)
+    mp = (m + 3) // 4 * 4
+    assert q.shape == (mp, 272) and s.shape == (mp, 3) and s.stride() == (1, mp)
+    q_ref, s_ref = reference.quantize_act(x)
+    assert torch.equal(_bits(q[:m]), _bits(q_ref)) and torch.equal(s[:m], s_ref)
+    assert (_bits(q[m:]) == 0).all()
+    assert torch.equal(s[m:], torch.full_like(s[m:], reference.amax_to_scale(torch.zeros(())).item()))
+
+
+@interpreted
+def test_act_quant_leading_dims_and_noncontiguous():
+    from fp8fx.kernels.act_quant import act_quant
+
+    x = _x(6, 288, torch.bfloat16, seed=7)[:, :272].reshape(2, 3, 272)  # row stride 288
+    q, s = act_quant(x, True)
+    q_ref, s_ref = reference.quantize_act(x, 128, "ue8m0")
+    assert q.shape == (2, 3, 272) and s.shape == (2, 3, 3)
+    assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_act_quant_static_bit_exact(dtype):
+    from fp8fx.kernels.act_quant import act_quant_static
+
+    x = _x(5, 272, dtype, seed=3)
+    scale = torch.tensor(0.037)
+    assert torch.equal(_bits(act_quant_static(x, scale)), _bits(reference.quantize_act_static(x, scale)))
+
+
+def _weight(n, k, scale_fmt, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 1, n).unsqueeze(1)
+    return reference.quantize_weight(w, (128, 128), scale_fmt)
+
+
+def _exact(xq, xs, wq, ws, bias):
+    y = reference.dequantize_act(xq, xs).double() @ reference.dequantize_weight(wq, ws).double().t()
+    return y if bias is None else y + bias.double()
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+GEMM_SHAPES = [(1, 16, 16), (5, 144, 272), (33, 144, 128), (33, 16, 272)]
+
+
+@interpreted
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("cfg_name", ["m16n32", "m16n256_split2"])
+def test_block_gemm(m, n, k, scale_fmt, cfg_name):
+    from fp8fx.kernels.block_gemm import GemmConfig, block_gemm
+
+    cfg = {"m16n32": GemmConfig(16, 32, 4, 1, split_k=1), "m16n256_split2": GemmConfig(16, 256, 4, 1, split_k=2)}[cfg_name]
+    wq, ws = _weight(n, k, scale_fmt, seed=n + k)
+    x = _x(m, k, torch.bfloat16, seed=m)
+    xq, xs = reference.quantize_act(x, 128, scale_fmt)
+    bias = torch.randn(n)
+    y = torch.full((m, n), float("nan"))
+    y = block_gemm(xq, xs, wq, ws, bias, torch.float32, config=cfg)
+    assert torch.isfinite(y).all()
+    assert _rel(y, _exact(xq, xs, wq, ws, bias)) < 1e-5
+    yb = block_gemm(xq, xs, wq, ws, None, torch.bfloat16, config=cfg)
+    # The interpreter casts fp32 -> bf16 toward zero (triton 3.9, even with
+    # fp_downcast_rounding="rtne"): up to one bf16 ulp, 2**-7 relative. The GPU test holds 2e-3.
+    assert yb.dtype == torch.bfloat16 and _rel(yb, _exact(xq, xs, wq, ws, None)) < 2**-7
+
+
+@interpreted
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_block_gemm_fused_quant(m, n, k, scale_fmt):
+    from fp8fx.kernels.block_gemm import GemmConfig, block_gemm
+
+    wq, ws = _weight(n, k, scale_fmt, seed=k)
+    x = _x(m, k, torch.bfloat16, seed=m + 1)
+    y = block_gemm(x, None, wq, ws, None, torch.float32, config=GemmConfig(16, 64, 4, 1, split_k=1),
+                   act_ue8m0=scale_fmt == "ue8m0")
+    # Same codes as the reference quantizer, so the same exact product.
+    xq, xs = reference.quantize_act(x, 128, scale_fmt)
+    assert _rel(y, _exact(xq, xs, wq, ws, None)) < 1e-5
+    ref = reference.linear(x.float(), wq, ws)
+    assert _rel(y, ref.double()) < 1e-5
+
+
+@interpreted
+def test_block_gemm_static_scale_and_m0():
+    from fp8fx.kernels.block_gemm import GemmConfig, block_gemm
+
+    wq, ws = _weight(144, 272, "float32", seed=1)
+    x = _x(5, 272, torch.float32, seed=2)
+    a = torch.tensor(0.02)
+    xq = reference.quantize_act_static(x, a)
+    y = block_gemm(xq, a, wq, ws, None, torch.float32, config=GemmConfig(16, 32, 4, 1, split_k=1))
+    assert _rel(y, _exact(xq, a, wq, ws, None)) < 1e-5
+    assert block_gemm(xq[:0], a, wq, ws, None, torch.float32).shape == (0, 144)
+
+
+@interpreted
+def test_block_gemm_auto_split_k():
+    from fp8fx.kernels.block_gemm import GemmConfig, block_gemm, pick_split_k
+
+    cfg = GemmConfig(16, 64, 4, 1)
+    assert pick_split_k(1, 64, 1024, cfg, 132) == 2  # 8 K blocks, >= 4 per split
+    wq, ws = _weight(64, 1024, "ue8m0", seed=5)
+    x = _x(1, 1024, torch.bfloat16, seed=5)
+    xq, xs = reference.quantize_act(x, 128, "ue8m0")
+    bias = torch.randn(64).bfloat16()
+    y = block_gemm(xq, xs, wq, ws, bias, torch.float32, config=cfg)
+    assert _rel(y, _exact(xq, xs, wq, ws, bias.float())) < 1e-5
+
+
+# --- no kernel launch: both processes -------------------------------------------------------
+
+
+def test_cublas_weight_scale_layout():
+    from fp8fx.kernels import cublas
+
+    _, ws = _weight(576, 4480, "ue8m0", seed=0)  # nN = 5, nK = 35 -> L4 = 36
+    p = cublas.prepare_weight_scale(ws)
+    assert p.shape == (36, 5) and p.stride() == (1, 36) and p.dtype == torch.float32
+    assert torch.equal(p[:35], ws.float().t()) and (p[35:] == 0).all()
+
+
+def test_deepgemm_sm90_layouts():
+    from fp8fx.kernels import deepgemm
+
+    xs = torch.rand(5, 3)
+    a = deepgemm.mn_major_tma_aligned(xs)
+    assert a.shape == (5, 3) and a.stride() == (1, 8) and torch.equal(a, xs)
+    assert deepgemm.prepare_act_scale(a) is a
+    _, ws = _weight(256, 384, "ue8m0", seed=0)
+    b = deepgemm.prepare_weight_scale(ws, 256, arch_major=9)
+    assert b.dtype == torch.float32 and b.is_contiguous() and torch.equal(b, ws.float())
+
+
+def test_deepgemm_sm100_ue8m0_packing():
+    from fp8fx.kernels import deepgemm
+
+    _, xs = reference.quantize_act(_x(7, 700, torch.float32, seed=1), 128, "ue8m0")  # 6 groups
+    packed = deepgemm.pack_ue8m0_mn_major(xs)
+    assert packed.dtype == torch.int32 and packed.shape == (7, 2) and packed.stride() == (1, 8)
+    word = packed[2, 1].item() & 0xFFFFFFFF
+    assert [(word >> (8 * j)) & 0xFF for j in range(2)] == [
+        (xs[2, 4 + j].view(torch.int32).item() >> 23) & 0xFF for j in range(2)
+    ]
+    assert torch.equal(deepgemm.unpack_ue8m0_mn_major(packed, 6), xs)
+    with pytest.raises(ValueError, match="power-of-two"):
+        deepgemm.pack_ue8m0_mn_major(torch.full((2, 2), 0.3))
+    # Weights: each block scale broadcast over its 128 rows (partial last block), then packed.
+    n, k = 300, 640
+    _, ws = _weight(n, k, "ue8m0", seed=2)
+    sfb = deepgemm.prepare_weight_scale(ws, n, arch_major=10)
+    expanded = reference.dequantize_weight(torch.ones(n, k, dtype=reference.FP8_DTYPE), ws)[:, ::128]
+    assert torch.equal(deepgemm.unpack_ue8m0_mn_major(sfb, 5), expanded)
+
+
+def test_deepgemm_load_fails_fast_offline(monkeypatch):
+    import time
+
+    from fp8fx.kernels import deepgemm
+
+    deepgemm.load.cache_clear()
+    monkeypatch.delenv("FP8FX_HUB_DOWNLOAD", raising=False)
+    t0 = time.monotonic()
+    first = deepgemm.load()
+    assert time.monotonic() - t0 < 30
+    if first is None:
+        t0 = time.monotonic()
+        assert deepgemm.load() is None and time.monotonic() - t0 < 0.01  # memoized
+    assert not deepgemm.supports(128, 4096, 7168, torch.bfloat16, torch.device("cpu"))
+    deepgemm.load.cache_clear()
+
+
+def test_dispatch():
+    from fp8fx.kernels import dispatch
+
+    cpu = torch.device("cpu")
+    for m in (1, 16, 64, 128, 300, 4096):
+        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu) in ("triton", "cublas")
+        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu, fused_quant=True) in ("triton", "triton_fused", "cublas")
+    assert dispatch.choose(4096, 4096, 7168, torch.float32, cpu, pref="cublas") == "triton"
+    assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu, static_act=True, pref="cublas") == "triton"
+    assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu, pref="deepgemm") == "cublas"  # not loadable on CPU
+    assert dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) == "triton" or \
+        dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) == "cublas"
+    with dispatch.preference("triton"):
+        assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu) == "triton"
+    with pytest.raises(ValueError, match="preference"):
+        dispatch.set_preference("fastest")
+
+
+def test_bad_inputs():
+    from fp8fx.kernels import linear_cuda as linear
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.block_gemm import block_gemm
+
+    wq, ws = _weight(32, 48, "float32", seed=0)
+    xq, xs = reference.quantize_act(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        block_gemm(xq[:, :40], xs, wq[:, :40], ws, None)
+    with pytest.raises(RuntimeError, match="several devices"):
+        block_gemm(xq, xs, wq.to("meta"), ws.to("meta"), None)
+    with pytest.raises(TypeError, match="fp8"):
+        block_gemm(xq.float(), xs, wq, ws, None)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        act_quant(torch.zeros(2, 16, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        linear(torch.randn(4, 48), wq, ws, None, None, [128, 128])
+    if not INNER:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            act_quant(torch.randn(4, 48))
