@@ -79,8 +79,9 @@ def bench(args) -> int:
         from fp8fx.kernels import bench as gemm_bench
 
         return gemm_bench.main(args.rest)
-    print(f"fp8fx bench: unknown benchmark {args.what!r}; available: gemm", file=sys.stderr)
-    return 2
+    from fp8fx.kernels import bench_moe
+
+    return bench_moe.main(args.rest)
 
 
 def convert(args) -> int:
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale-fmt", choices=["float32", "ue8m0"], default="float32")
     p.set_defaults(func=demo)
-    p = sub.add_parser("bench", help="GPU benchmarks: gemm")
-    p.add_argument("what", choices=["gemm"])
+    p = sub.add_parser("bench", help="GPU benchmarks: gemm, moe")
+    p.add_argument("what", choices=["gemm", "moe"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     p = sub.add_parser("convert", help="convert a bf16/fp16 transformers checkpoint directory to block FP8")

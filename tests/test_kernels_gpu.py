@@ -182,3 +182,17 @@ def test_reference_cuda_vs_cpu():
         scales = (s_gpu.cpu().view(torch.int32) != s_cpu.view(torch.int32)).float().mean().item()
         print(f"reference {fmt}: CUDA vs CPU differ in {codes:.2e} of codes, {scales:.2e} of scales")
         assert scales == 0.0 and codes == 0.0, (fmt, codes, scales)
+
+
+@pytest.mark.parametrize("pref", ["auto", "cublas", "triton"])
+def test_linear_under_inference_mode(pref):
+    """Weights made and used under torch.inference_mode (no version counters) on every route."""
+    from fp8fx.kernels import dispatch
+
+    with torch.inference_mode(), dispatch.preference(pref):
+        w = torch.randn(4096, 4096, device="cuda") * 0.02
+        wq, ws = reference.quantize_weight(w)
+        x = _x(128, 4096)
+        for _ in range(2):  # the second call hits the prepared-scale cache
+            y = torch.ops.fp8fx.linear(x, wq, ws, None, None, [128, 128])
+        assert _rel(y, _exact_linear(x, wq, ws, None, "float32")) <= 2e-3

@@ -47,15 +47,17 @@ def prepared_weight_scale(wscale: torch.Tensor, n: int, backend: str) -> torch.T
     from fp8fx.kernels import cublas, deepgemm
 
     key = (id(wscale), backend)
+    # Inference tensors (made under torch.inference_mode) have no version counter.
+    version = None if wscale.is_inference() else wscale._version
     hit = _PREPARED.get(key)
-    if hit is not None and hit[0]() is wscale and hit[1] == wscale._version:
+    if hit is not None and hit[0]() is wscale and hit[1] == version:
         return hit[2]
     if backend == "cublas":
         prepared = cublas.prepare_weight_scale(wscale)
     else:
         prepared = deepgemm.prepare_weight_scale(wscale, n, torch.cuda.get_device_capability(wscale.device)[0])
     ref = weakref.ref(wscale, lambda _, key=key: _PREPARED.pop(key, None))
-    _PREPARED[key] = (ref, wscale._version, prepared)
+    _PREPARED[key] = (ref, version, prepared)
     return prepared
 
 

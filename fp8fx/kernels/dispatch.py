@@ -179,7 +179,8 @@ def choose(
     or "deepgemm". ``fused_quant``: the caller holds high-precision activations (linear)."""
     pref = _check(pref or _preference)
     cls = shape_class(m)
-    if pref == "auto":
+    measured = pref == "auto"
+    if measured:
         gemm_choice, linear_choice = _measured_choice(m, n, k)
         pref = linear_choice if fused_quant else gemm_choice
     if pref == "deepgemm":
@@ -190,7 +191,7 @@ def choose(
         if _cublas_ok(k, out_dtype, static_act):
             return "cublas"
         pref = "triton"
-    if pref == "triton" and fused_quant and AUTO_LINEAR[cls] == "triton_fused":
+    if pref == "triton" and fused_quant and not measured and AUTO_LINEAR[cls] == "triton_fused":
         pref = "triton_fused"  # the Triton family's best choice for this class
     if pref == "triton_fused" and (not fused_quant or static_act):
         pref = "triton"

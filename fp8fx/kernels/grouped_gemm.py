@@ -8,10 +8,11 @@ K in_features, BM rows per tile, nK = ceil(K / 128).
     offs[E] int32: cumulative end row of each expert; rows >= offs[-1] are written as zeros
     y[T, N] = for each expert e, rows offs[e-1]:offs[e]:  dequant(a) @ dequant(b[e]).T
 
-No host synchronisation: the tile -> (expert, first row) map is built on the device from
-offs (cumsum + searchsorted) over a grid sized for the worst case, cdiv(T, BM) + E + 1
-row tiles; tiles past the last one return at once. The tail past offs[-1] is one more
-pseudo-group whose tiles store zeros, so the output needs no memset.
+No host synchronisation and no preparatory launches: each program derives its tile's
+(expert, first row) from offs itself (one vector load, a cumsum over experts), over a grid
+sized for the worst case, cdiv(T, BM) + E + 1 row tiles; tiles past the last one return at
+once. The tail past offs[-1] is one more pseudo-group whose tiles store zeros, so the
+output needs no memset.
 """
 
 from __future__ import annotations
@@ -31,23 +32,35 @@ BLOCK_K = 128
 @triton.jit
 def _grouped_gemm_kernel(
     # pointers
-    a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr,
+    a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offs_ptr,
     # shapes
-    N, K, E,
+    T, N, K, E,
     # strides
     stride_am, stride_sam, stride_sak,
     stride_be, stride_bn, stride_sbe, stride_sbn, stride_sbk,
     stride_cm,
     # meta-parameters
-    B_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.load(tile_group_ptr + pid_m)
-    if g < 0:  # past the last tile of this batch
+    # Tile map, from offs in one vector load: group e owns cdiv(rows_e, BLOCK_M) row tiles,
+    # in order; group E is the tail no expert owns (rows offs[E-1]:T).
+    e_ids = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e_ids, mask=e_ids < E, other=0)
+    ends = tl.where(e_ids == E, T, ends)
+    starts = tl.load(offs_ptr + e_ids - 1, mask=(e_ids > 0) & (e_ids <= E), other=0)
+    starts = tl.where(e_ids == E, tl.load(offs_ptr + E - 1), starts)
+    tiles = tl.where(e_ids <= E, tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M), 0)
+    tile_end = tl.cumsum(tiles, 0)
+    g = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # groups wholly before this tile
+    if g > E:  # past the last tile of this batch
         return
-    row0 = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(group_end_ptr + g)
+    pick = e_ids == g
+    first_tile = tl.sum(tl.where(pick, tile_end - tiles, 0), 0)
+    row0 = tl.sum(tl.where(pick, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(pick, ends, 0), 0)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < row_end
@@ -78,25 +91,6 @@ def _grouped_gemm_kernel(
             sb = tl.load(sb_ptrs + kb * stride_sbk)
         acc += tl.dot(a, b) * (sa * sb)[:, None]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-
-def _tile_map(offs: torch.Tensor, rows: int, block_m: int):
-    """Device-side tile -> (group, first row) map; group E is the unowned tail, -1 unused."""
-    e = offs.numel()
-    ends = torch.cat([offs.to(torch.int64), offs.new_full((1,), rows, dtype=torch.int64)])  # [E + 1]
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    counts = (ends - starts).clamp_min(0)
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    max_tiles = triton.cdiv(rows, block_m) + e + 1
-    ids = torch.arange(max_tiles, device=offs.device)
-    group = torch.searchsorted(tile_end, ids, right=True)  # [max_tiles], == E + 1 when unused
-    valid = group <= e
-    g = group.clamp_max(e)
-    first_tile = tile_end[g] - tiles[g]
-    row0 = starts[g] + (ids - first_tile) * block_m
-    tile_group = torch.where(valid, g, -1).to(torch.int32)
-    return tile_group, row0.to(torch.int32), ends.to(torch.int32), max_tiles
 
 
 def grouped_gemm(
@@ -141,26 +135,34 @@ def grouped_gemm(
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t == 0 or n == 0:
         return out
-    tile_group, tile_row, group_end, max_tiles = _tile_map(offs, t, block_m)
+    offs = offs.to(torch.int32)
 
-    # (3) launch
-    grid = (max_tiles, triton.cdiv(n, block_n))
+    # (3) launch: the worst case has every expert's last tile partial, plus the tail tile
+    grid = (triton.cdiv(t, block_m) + e + 1, triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, sa, b, sb_t, out, tile_group, tile_row, group_end,
-        n, k, e,
+        a, sa, b, sb_t, out, offs,
+        t, n, k, e,
         a.stride(0), sa.stride(0), sa.stride(1),
         b.stride(0), b.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2),
         out.stride(0),
-        B_SCALE_E8M0=e8m0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        B_SCALE_E8M0=e8m0, E_POW2=triton.next_power_of_2(e + 1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def _block_m_for(rows: int, experts: int) -> int:
-    # Few rows per expert (decode) waste most of a 64-row tile; 16 is the fp8 MMA minimum.
+def config_for(rows: int, experts: int) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages) by rows per expert. Few rows (decode) waste most of a
+    large tile (16 is the fp8 MMA minimum); many rows want the dense large-M tile
+    (128 x 128, 8 warps, as dispatch.TRITON_DEFAULTS["large"])."""
     per_expert = rows / max(experts, 1)
-    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+    if per_expert <= 16:
+        return 16, 4, 4
+    if per_expert <= 48:
+        return 32, 4, 4
+    if per_expert < 128:
+        return 64, 4, 4
+    return 128, 8, 4
 
 
 def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
@@ -175,5 +177,5 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         row_scale = act_scale.float()[expert_of_row]
         xq = (x.float() / row_scale[:, None]).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(reference.FP8_DTYPE)
         xs = row_scale[:, None].expand(-1, triton.cdiv(x.shape[1], BLOCK_K))
-    bm = _block_m_for(x.shape[0], qweight.shape[0])
-    return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm)
+    bm, warps, stages = config_for(x.shape[0], qweight.shape[0])
+    return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm, num_warps=warps, num_stages=stages)
