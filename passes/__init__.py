@@ -1,1 +1,49 @@
-"""fp8fx.passes: compile-time FX/Inductor passes (installed from the repository's passes/)."""
+"""fp8fx.passes: compile-time FX/Inductor passes (installed from the repository's passes/).
+
+    linear.py    fp8fx.linear -> aten act-quant (fused by Inductor) + fp8fx.block_gemm
+    lowering.py  Inductor lowering of fp8fx.block_gemm (extern kernel choice)
+
+``PostGradPass`` is what ``fp8fx.backend`` installs as Inductor's
+``post_grad_custom_post_pass``; its ``uuid()`` hashes these sources and the config, so the
+FX graph cache is invalidated whenever either changes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+__all__ = ["PostGradPass"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources() -> tuple[str, ...]:
+    # The passes and the op definitions they rewrite: a change to either changes the graph.
+    import fp8fx.ops
+    import fp8fx.reference
+
+    return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (fp8fx.ops.__file__, fp8fx.reference.__file__)
+
+
+class PostGradPass(CustomGraphPass):
+    """fp8fx's post-grad pass: splits every fp8fx.linear into fusable aten act-quant + block_gemm.
+
+    ``config`` (a BlockFP8Config or None) enters the uuid only: the rewrite itself reads
+    everything it needs (scale format, static scales) from the graph.
+    """
+
+    def __init__(self, config: Optional[object] = None):
+        self.config = config
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from fp8fx.passes import linear
+
+        linear.rewrite(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_sources(), extra=repr(self.config))

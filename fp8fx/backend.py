@@ -1,0 +1,255 @@
+"""fp8fx's torch.compile backend: Inductor with the fp8fx passes installed, scoped to one compile.
+
+    model = torch.compile(model, backend=fp8fx.backend)                      # defaults
+    model = torch.compile(model, backend=fp8fx.backend_with(mode="max-autotune"))
+
+What a compile does, per Dynamo graph:
+    1. (unquantized models) every eligible ``linear`` whose weight is a high-precision
+       parameter is quantized now and replaced by ``fp8fx.linear`` on frozen fp8 constants
+       (same rules and report as ``fp8fx.quantize_``); see ``freeze_weights``.
+    2. Inductor's ``compile_fx`` with ``post_grad_custom_post_pass = fp8fx.passes.PostGradPass``
+       (and the mode's options) patched in for this compile only: the pass splits each
+       ``fp8fx.linear`` into aten act-quant, which Inductor fuses into the producer, and
+       ``fp8fx.block_gemm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
+from fp8fx.api import LayerRecord, QuantizeReport, _skip_reason, quantize_weight_chunked
+from fp8fx.config import BlockFP8Config
+from fp8fx.tensor import BlockFP8Tensor
+
+__all__ = ["Backend", "backend", "backend_with", "freeze_weights", "last_report", "linear_weights"]
+
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A torch.compile backend: ``backend(gm, example_inputs) -> compiled callable``.
+
+    Attributes:
+        config: BlockFP8Config for weights quantized at compile time (unquantized models) and
+            the GEMM kernel preference; models quantized beforehand keep their own format.
+        mode: an Inductor mode ("default", "reduce-overhead", "max-autotune",
+            "max-autotune-no-cudagraphs") or None.
+        cudagraphs: force CUDA graphs on or off (None: what the mode says).
+        options: further Inductor config entries, patched for this compile only.
+        freeze: quantize high-precision linear weights found in the graph (step 1 above).
+        eager_numerics: keep eager's bf16/fp16 roundings between fused ops
+            (Inductor's ``emulate_precision_casts``) and IEEE division in Triton, so the fp8
+            codes of a compiled model equal eager fp8fx's. Without it Inductor quantizes the
+            unrounded fp32 value of a fused producer: slightly different codes.
+    """
+
+    config: BlockFP8Config = BlockFP8Config()
+    mode: Optional[str] = None
+    cudagraphs: Optional[bool] = None
+    options: tuple[tuple[str, Any], ...] = ()
+    freeze: bool = True
+    eager_numerics: bool = True
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise ValueError(f"fp8fx.backend_with: mode must be one of {_MODES}, got {self.mode!r}")
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+
+    def inductor_config(self) -> dict[str, Any]:
+        """The Inductor config entries patched during this backend's compiles."""
+        from torch._inductor import config as inductor_config, list_mode_options
+
+        from fp8fx.passes import PostGradPass
+
+        patches = dict(list_mode_options(self.mode)) if self.mode else {}
+        if self.eager_numerics:
+            patches["emulate_precision_casts"] = True
+            if hasattr(inductor_config, "eager_numerics"):  # div_rn for fp32 x / s in Triton
+                patches["eager_numerics.division_rounding"] = True
+        if self.cudagraphs is not None:
+            patches["triton.cudagraphs"] = self.cudagraphs
+        patches.update(self.options)
+        patches["post_grad_custom_post_pass"] = PostGradPass(self.config)
+        return patches
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        global _LAST_REPORT
+        from torch._inductor.compile_fx import compile_fx
+
+        from fp8fx.passes import lowering
+
+        lowering.register()
+        report = freeze_weights(gm, example_inputs, self.config) if self.freeze else None
+        compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
+        if report is not None:  # only once the compile went through (Dynamo may restart it)
+            _LAST_REPORT = report
+        if self.config.kernel == "auto" or not torch.cuda.is_available():
+            return compiled
+        return _with_kernel_preference(compiled, self.config.kernel)
+
+
+def _with_kernel_preference(compiled, pref: str):
+    # The GEMM backend is chosen per call from the real M (dispatch.py), under this preference.
+    from fp8fx.kernels import dispatch
+
+    def run(*args):
+        with dispatch.preference(pref):
+            return compiled(*args)
+
+    return run
+
+
+def backend_with(
+    config: Optional[BlockFP8Config] = None,
+    mode: Optional[str] = None,
+    cudagraphs: Optional[bool] = None,
+    options: Optional[dict[str, Any]] = None,
+    freeze: bool = True,
+    eager_numerics: bool = True,
+) -> Backend:
+    """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
+
+    ``mode`` and ``cudagraphs`` take the place of torch.compile's own ``mode=`` (which
+    torch.compile only honours for its built-in Inductor backend).
+    """
+    return Backend(
+        config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics
+    )
+
+
+backend = Backend()
+
+# The report of the weights quantized while compiling the most recent graph.
+_LAST_REPORT: Optional[QuantizeReport] = None
+
+
+def last_report() -> Optional[QuantizeReport]:
+    """The QuantizeReport of the most recent graph compiled by an fp8fx backend (freeze step);
+    ``fp8fx.explain`` gives the same information without compiling."""
+    return _LAST_REPORT
+
+
+# -- step 1: quantize high-precision linear weights of an unquantized model ---------------
+
+_MODULE_RE = re.compile(r"_modules\['([^']*)'\]")
+_PARAM_RE = re.compile(r"_parameters\['([^']*)'\]")
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_NO_MODULE = object()  # quantize_'s eligibility check wants a module; only its identity is read
+
+
+def _param_fqn(node: torch.fx.Node) -> Optional[tuple[str, str]]:
+    """(module name, parameter name) of a Dynamo placeholder that is a module parameter."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
+    params = _PARAM_RE.findall(name)
+    if not params:
+        return None
+    return ".".join(_MODULE_RE.findall(name)), params[-1]
+
+
+def linear_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+    """(fqn, weight value, placeholder, [linear nodes]) for each module parameter of the Dynamo
+    graph that some ``linear`` call uses as its weight."""
+    values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    uses: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _LINEARS and len(node.args) >= 2:
+            w = node.args[1]
+            if isinstance(w, torch.fx.Node) and w.op == "placeholder" and _param_fqn(w) is not None:
+                uses.setdefault(w, []).append(node)
+    for wnode, linears in uses.items():
+        mname, pname = _param_fqn(wnode)
+        yield (f"{mname}.{pname}" if mname else pname), values.get(wnode), wnode, linears
+
+
+def _add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor) -> None:
+    """Hold ``t`` as a buffer of ``gm``. AOT autograd lifts buffers to graph inputs and, for a
+    Dynamo graph, wants a Source for each (it marks them static, as CUDA graphs need)."""
+    from torch._dynamo.source import ConstantSource
+
+    gm.register_buffer(name, t)
+    if hasattr(gm, "_param_name_to_source"):
+        gm._param_name_to_source[name] = ConstantSource(f"fp8fx_{name}")
+
+
+def freeze_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BlockFP8Config) -> QuantizeReport:
+    """Quantize the high-precision weights of the Dynamo graph's linears, in the graph.
+
+    Each eligible ``linear(x, W, b)`` whose weight W is a module parameter becomes
+    ``fp8fx.linear(x, qdata, scale, b, None, block)`` on fp8 constants held by ``gm``; the
+    placeholder W stays (Dynamo still passes it) but nothing reads it, so the compiled
+    artifact holds no high-precision copy. Eligibility is ``fp8fx.quantize_``'s. A graph with
+    any BlockFP8Tensor weight comes from a model quantized with ``quantize_``: it is left as
+    it is (its high-precision weights were kept on purpose).
+    """
+    report = QuantizeReport()
+    found = list(linear_weights(gm, example_inputs))
+    if config.activation_scheme == "static" and not any(isinstance(w, BlockFP8Tensor) for _, w, _, _ in found):
+        raise ValueError(
+            "fp8fx.backend: activation_scheme='static' needs calibrated activation scales, which a "
+            "compile-time quantization cannot compute; load a checkpoint that carries them"
+        )
+    if any(isinstance(w, BlockFP8Tensor) for _, w, _, _ in found):
+        # A model that went through fp8fx.quantize_: its choices (exclusions, filter_fn) stand.
+        for fqn, w, _, _ in found:
+            if not isinstance(w, BlockFP8Tensor) and isinstance(w, torch.Tensor):
+                report.skipped.append(LayerRecord(fqn, tuple(w.shape), "kept in high precision by fp8fx.quantize_"))
+        return report
+    for fqn, w, wnode, linears in found:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        mname, pname = fqn.rpartition(".")[::2]
+        other_users = [u for u in wnode.users if u not in linears]
+        aliases = {id(w): [fqn, "another use"]} if other_users else {}
+        reason = _skip_reason(nn.Module(), mname, _NO_MODULE, pname, w, config, None, aliases)
+        if reason is None and w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            reason = f"dtype {w.dtype} cannot be quantized"
+        if reason is None and type(w) not in (torch.Tensor, nn.Parameter):
+            reason = f"a {type(w).__name__} weight is left to its own implementation"
+        if reason is not None:
+            if reason.startswith("tied to"):
+                reason = "used by more than a linear (tied or shared weight)"
+            report.skipped.append(LayerRecord(fqn, tuple(w.shape), reason))
+            continue
+        if w.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fp8fx.backend: {fqn} requires grad and grad mode is on. Compiling an unquantized "
+                f"model with fp8fx quantizes its weights as frozen inference constants; call "
+                f"model.requires_grad_(False) or compile under torch.no_grad()/inference_mode(), "
+                f"or quantize first with fp8fx.quantize_(model)"
+            )
+        q, s = quantize_weight_chunked(w.detach(), config.block_size, config.scale_fmt, fqn)
+        attr = "_fp8fx_" + re.sub(r"\W", "_", fqn)
+        for suffix, t in (("_qdata", q), ("_scale", s)):
+            _add_constant(gm, attr + suffix, t)
+        for lin in linears:
+            x, bias = lin.args[0], (lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias"))
+            with gm.graph.inserting_before(lin):
+                qnode = gm.graph.get_attr(attr + "_qdata")
+                snode = gm.graph.get_attr(attr + "_scale")
+                new = gm.graph.call_function(
+                    torch.ops.fp8fx.linear.default, (x, qnode, snode, bias, None, list(config.block_size))
+                )
+            new.meta.update(lin.meta)
+            lin.replace_all_uses_with(new)
+            gm.graph.erase_node(lin)
+        report.converted.append(LayerRecord(fqn, tuple(w.shape)))
+        report.bytes_before += w.numel() * w.element_size()
+        report.bytes_after += q.numel() * q.element_size() + s.numel() * s.element_size()
+    if report.converted:
+        gm.graph.lint()
+        gm.recompile()
+    elif not report.skipped:
+        report.notes.append("no high-precision linear weights in this graph")
+    return report

@@ -1,0 +1,196 @@
+"""Split fp8fx::linear so Inductor fuses the activation quantization into its producer.
+
+    y = fp8fx.linear(x, qweight, wscale, bias?, act_scale?, block)
+==> (1) split:      xq, s = fp8fx.act_quant(x, 128, ue8m0); y = fp8fx.block_gemm(xq, s, ...)
+                    (static act_scale: the aten quant below directly)
+    (2) share:      one act_quant per distinct x (q/k/v, gate/up read the same codes)
+    (3) decompose:  act_quant -> the aten ops below
+    # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
+    amax = x.float().abs().amax(-1)                   # per token, per 128-group
+    s    = clamp(amax, 1e-12) / 448                   # UE8M0: 2 ** ceil(log2(s)), bit exact
+                                                      # (448 as a tensor: no reciprocal on GPU)
+    xq   = (x.float() / s).clamp(-448, 448).to(float8_e4m3fn)
+    # static: xq = (x.float() / act_scale).clamp(-448, 448).to(float8_e4m3fn); s = act_scale
+    y = fp8fx.block_gemm(xq, s, qweight, wscale, bias?, block, x.dtype)
+
+The quantization is plain aten pointwise/reduction ops, so Inductor's scheduler fuses it
+into the kernel that produces x (RMSNorm, SiLU * mul, residual add, a cast) and no
+standalone quant kernel runs. The math is reference.quantize_act's, op for op: division
+by the scale (never multiplication by its reciprocal), so the fp8 codes are bit-identical.
+
+Legend: T tokens (any leading dims), K in_features, G = K / 128 groups.
+Counters (torch._dynamo.utils.counters["fp8fx"]): linear, linear_bias, linear_static,
+linear_static_bias, act_quant_shared, act_quant_decomposed, act_quant_partial_group_kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg, Match, PatternMatcherPass, register_graph_pattern
+
+from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
+from fp8fx import reference
+
+__all__ = ["COUNTER", "quantize_act_decomposed", "rewrite", "share_act_quant", "split_linear"]
+
+COUNTER = "fp8fx"
+_FP8 = reference.FP8_DTYPE
+_FP8_MAX = reference.FP8_MAX
+
+
+def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
+    # reference._pow2_ceil, written with ops Inductor lowers (bitcast views, shifts, masks).
+    bits = v.view(torch.int32)
+    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, 23), 0xFF)
+    exponent = exponent + torch.ne(torch.bitwise_and(bits, 0x7FFFFF), 0).to(torch.int32)
+    return torch.bitwise_left_shift(exponent, 23).view(torch.float32)
+
+
+def quantize_act_decomposed(x: torch.Tensor, group_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_act in fusable aten ops: x[..., K] -> (q[..., K] fp8, s[..., G] fp32).
+
+    K must be a multiple of ``group_size``: with a partial last group, Inductor's CPU loop
+    fusion of the [..., K] quotient with the [..., G, 128] amax reduction (torch 2.13) drops
+    the columns past the last whole group, so the pass leaves such inputs to fp8fx.act_quant.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    groups = k // group_size
+    xg = x.float().reshape(*lead, groups, group_size)  # [..., G, 128]
+    amax = xg.abs().amax(dim=-1).clamp(min=reference.AMAX_EPS)  # [..., G]
+    # amax / 448, divided by a tensor equal to 448 rather than the literal: Inductor's GPU
+    # lowering turns division by a constant into multiplication by its (inexact) reciprocal,
+    # which moves some scales by 1 ulp. clamp(amax, 448, 448) is 448 for any non-NaN amax.
+    s = amax / amax.clamp(_FP8_MAX, _FP8_MAX)
+    if ue8m0:
+        s = _pow2_ceil(s)
+    # q is computed on the [..., G, 128] grid of the amax reduction, so Inductor can emit the
+    # quotient in the reducing kernel itself (Triton: one persistent reduction per group);
+    # passes/lowering.py realizes the viewed result once for all GEMMs that read it.
+    q = (xg / s.unsqueeze(-1)).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8)
+    return q.reshape(*lead, k), s
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _is_hp_tensor(node) -> bool:
+    v = _val(node)
+    return isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _call(graph: torch.fx.Graph, target, *args) -> torch.fx.Node:
+    """A new node with a valid meta["val"]: ``target`` run on the arguments' fake values."""
+    from torch._inductor.virtualized import V
+
+    node = graph.call_function(target, args)
+    with V.fake_mode:
+        node.meta["val"] = target(*torch.fx.map_arg(args, lambda n: n.meta["val"]))
+    return node
+
+
+def _linear_ok(node: torch.fx.Node) -> bool:
+    # Guard clauses: leave anything we cannot reason about to fp8fx::linear itself.
+    x, qweight, wscale, bias, act_scale, block_size = node.args
+    if not _is_hp_tensor(x):
+        return False
+    if not isinstance(_val(qweight), torch.Tensor) or _val(qweight).dim() != 2 or not isinstance(_val(wscale), torch.Tensor):
+        return False
+    return isinstance(block_size, (list, tuple)) and len(block_size) == 2
+
+
+def _counter_name(bias, act_scale) -> str:
+    name = "linear_static" if act_scale is not None else "linear"
+    return name + ("_bias" if bias is not None else "")
+
+
+def split_linear(graph: torch.fx.Graph) -> None:
+    """fp8fx.linear -> fp8fx.act_quant (dynamic) or the static aten quant, + fp8fx.block_gemm.
+
+    A direct rewrite, not a registered pattern: Inductor's pattern matcher skips nodes with
+    an input dtype it cannot generate code for (fallback_node_due_to_unsupported_type), and
+    float8_e8m0fnu weight scales are one.
+    """
+    aten, prims = torch.ops.aten, torch.ops.prims
+    for node in graph.find_nodes(op="call_function", target=torch.ops.fp8fx.linear.default):
+        if not _linear_ok(node):
+            continue
+        x, qweight, wscale, bias, act_scale, block_size = node.args
+        block_size = list(block_size)
+        with graph.inserting_before(node):
+            if act_scale is None:
+                ue8m0 = _val(wscale).dtype == reference.E8M0_DTYPE
+                quant = _call(graph, torch.ops.fp8fx.act_quant.default, x, block_size[1], ue8m0)
+                xq, xs = (_call(graph, operator.getitem, quant, i) for i in (0, 1))
+            else:
+                # reference.quantize_act_static: (x.float() / s).clamp(-448, 448).to(fp8)
+                xs = act_scale
+                if _val(xs).dtype != torch.float32:
+                    xs = _call(graph, prims.convert_element_type.default, xs, torch.float32)
+                if _val(xs).dim() != 0:
+                    xs = _call(graph, aten.view.default, xs, [])
+                xf = _call(graph, prims.convert_element_type.default, x, torch.float32)
+                xq = _call(graph, aten.div.Tensor, xf, xs)
+                xq = _call(graph, aten.clamp_min.default, xq, -_FP8_MAX)
+                xq = _call(graph, aten.clamp_max.default, xq, _FP8_MAX)
+                xq = _call(graph, prims.convert_element_type.default, xq, _FP8)
+            gemm = _call(
+                graph, torch.ops.fp8fx.block_gemm.default, xq, xs, qweight, wscale, bias, block_size, _val(x).dtype
+            )
+        gemm.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        node.replace_all_uses_with(gemm)
+        graph.erase_node(node)
+        counters[COUNTER][_counter_name(bias, act_scale)] += 1
+
+
+def _act_quant_ok(match: Match) -> bool:
+    x, group_size = match.kwargs["x"], match.kwargs["group_size"]
+    if not _is_hp_tensor(x) or not isinstance(group_size, int):
+        return False
+    k = _val(x).shape[-1]
+    if isinstance(k, int) and k % group_size == 0:
+        return True
+    counters[COUNTER]["act_quant_partial_group_kept"] += 1
+    return False
+
+
+def _rewrite_act_quant(match: Match, x, group_size, ue8m0):
+    match.replace_by_example(lambda x_: quantize_act_decomposed(x_, group_size, ue8m0), [x])
+    counters[COUNTER]["act_quant_decomposed"] += 1
+
+
+def share_act_quant(graph: torch.fx.Graph) -> None:
+    """One fp8fx.act_quant per distinct (x, group_size, ue8m0): q/k/v and gate/up projections
+    of one normalized input read one set of fp8 codes instead of quantizing x three times."""
+    first: dict[tuple, torch.fx.Node] = {}
+    for node in graph.find_nodes(op="call_function", target=torch.ops.fp8fx.act_quant.default):
+        key = (*node.args, *sorted(node.kwargs.items()))
+        if key not in first:
+            first[key] = node
+            continue
+        node.replace_all_uses_with(first[key])  # the first comes earlier, so it dominates
+        graph.erase_node(node)
+        counters[COUNTER]["act_quant_shared"] += 1
+
+
+@functools.cache
+def decompose_patterns() -> PatternMatcherPass:
+    """fp8fx.act_quant -> quantize_act_decomposed's aten ops, which Inductor fuses (built once)."""
+    pass_dict = PatternMatcherPass(pass_name="fp8fx_decompose_act_quant")
+    pattern = CallFunction(
+        torch.ops.fp8fx.act_quant.default, KeywordArg("x"), KeywordArg("group_size"), KeywordArg("ue8m0")
+    )
+    register_graph_pattern(pattern, extra_check=_act_quant_ok, pass_dict=pass_dict)(_rewrite_act_quant)
+    return pass_dict
+
+
+def rewrite(graph: torch.fx.Graph) -> None:
+    """The whole linear rewrite: split, share quantizations of one input, decompose them."""
+    split_linear(graph)
+    share_act_quant(graph)
+    decompose_patterns().apply(graph)
+    graph.eliminate_dead_code()

@@ -1,0 +1,791 @@
+"""fp8fx.backend and fp8fx.passes on CPU: graph snapshots, generated code, counters, numerics.
+
+Graph snapshots are expecttest ``assertExpectedInline`` strings of ``fp8fx.explain.format_graph``
+(the post-grad graph after fp8fx's pass, traced without code generation). To re-record after
+an intended change: ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_backend.py``, then
+review the diff.
+"""
+
+import contextlib
+import copy
+import re
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import fp8fx
+from conftest import heavy_tailed, rel_err
+from fp8fx import BlockFP8Config, BlockFP8Tensor, reference as R
+from fp8fx.backend import Backend, backend, backend_with, last_report
+from fp8fx.explain import explain, format_graph, post_grad_backend
+from fp8fx.passes import PostGradPass
+from fp8fx.passes.linear import quantize_act_decomposed
+
+BF16 = torch.bfloat16
+
+
+# -- models (tiny; K a multiple of 128 unless a test says otherwise) ----------------------
+
+
+class Proj(nn.Module):
+    def __init__(self, k=256, n=384, bias=False):
+        super().__init__()
+        self.proj = nn.Linear(k, n, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class NormQKV(nn.Module):
+    """RMSNorm -> q/k/v projections: the attention input of a decoder layer."""
+
+    def __init__(self, h=256, kv=128):
+        super().__init__()
+        self.norm = nn.RMSNorm(h, eps=1e-6)
+        self.q, self.k, self.v = nn.Linear(h, h, bias=False), nn.Linear(h, kv, bias=False), nn.Linear(h, kv, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h), self.k(h), self.v(h)
+
+
+class SwiGLU(nn.Module):
+    """(optional RMSNorm) -> gate/up -> silu(gate) * up -> down: a Llama MLP."""
+
+    def __init__(self, h=256, i=512, norm=False):
+        super().__init__()
+        self.norm = nn.RMSNorm(h, eps=1e-6) if norm else nn.Identity()
+        self.gate_proj, self.up_proj = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _build(cls, *args, quantize=True, config=None, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = cls(*args, **kwargs).to(BF16).eval().requires_grad_(False)
+    if quantize:
+        fp8fx.quantize_(model, config)
+    return model
+
+
+def _llama_layer(quantize=True):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0).to(BF16).eval().requires_grad_(False)
+    if quantize:
+        fp8fx.quantize_(layer)
+    h = heavy_tailed(1, 9, 256, dtype=BF16, seed=1, outliers=False)
+    cos, sin = LlamaRotaryEmbedding(config)(h, torch.arange(9)[None])
+    return layer, h, {"position_embeddings": (cos, sin), "attention_mask": None}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def post_grad(model, *args, config=None, **kwargs) -> str:
+    """The normalized post-grad graph fp8fx.backend would compile (fullgraph, dynamic)."""
+    torch._dynamo.reset()
+    graphs: list = []
+    compiled = torch.compile(model, backend=post_grad_backend(backend_with(config), graphs), fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    assert len(graphs) == 1
+    return format_graph(graphs[0])
+
+
+@contextlib.contextmanager
+def fresh_compile():
+    """No FX-graph / AOT cache hits (they would skip the passes whose counters we check),
+    fresh counters and Dynamo state; config restored on exit."""
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def compile_and_code(model, *args, b=backend, **kwargs):
+    """Compile with fp8fx.backend, run once; (output, generated code of the one graph)."""
+    compiled = torch.compile(model, backend=b, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, *args, **kwargs)
+    assert len(codes) == 1
+    return out, codes[0]
+
+
+def call_sequence(code: str) -> list[str]:
+    """The generated ``call`` body as a list: 'kernel:<name>' for each fused kernel launch and
+    'gemm' for each fp8fx.block_gemm extern call, in order."""
+    body = code[code.index("def call(") :]
+    seq = []
+    for line in body.splitlines():
+        if "torch.ops.fp8fx.block_gemm.default(" in line and "assert" not in line:
+            seq.append("gemm")
+        elif (m := re.match(r"\s+(cpp_fused\w*)\(", line)) is not None:
+            seq.append("kernel:" + m.group(1))
+    return seq
+
+
+def kernel_source(code: str, name: str) -> str:
+    start = code.index(f"{name} = async_compile")
+    return code[start : code.index("''')", start)]
+
+
+def codes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# -- graph snapshots --------------------------------------------------------------------------
+
+
+class TestGraphs(expecttest.TestCase):
+    maxDiff = None
+
+    def test_plain_linear(self):
+        g = post_grad(_build(Proj), torch.randn(5, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[384, 256]
+in1: f32[3, 2]
+in2: s0
+in3: bf16[s0, 256]
+v4: f32[s0, 256] = prims.convert_element_type(in3, f32)
+v5: f32[s0, 2, 128] = aten.view(v4, [s0, 2, 128])
+v6: f32[s0, 2, 128] = aten.abs(v5)
+v7: f32[s0, 2] = aten.amax(v6, [-1])
+v8: f32[s0, 2] = aten.clamp_min(v7, 1e-12)
+v9: f32[s0, 2] = aten.clamp_min(v8, 448.0)
+v10: f32[s0, 2] = aten.clamp_max(v9, 448.0)
+v11: f32[s0, 2] = aten.div(v8, v10)
+v12: f32[s0, 2, 1] = aten.unsqueeze(v11, -1)
+v13: f32[s0, 2, 128] = aten.div(v5, v12)
+v14: f32[s0, 2, 128] = aten.clamp_min(v13, -448.0)
+v15: f32[s0, 2, 128] = aten.clamp_max(v14, 448.0)
+v16: f8e4m3[s0, 2, 128] = prims.convert_element_type(v15, f8e4m3)
+v17: f8e4m3[s0, 256] = aten.view(v16, [s0, 256])
+v18: bf16[s0, 384] = fp8fx.block_gemm(v17, v11, in0, in1, None, [128, 128], bf16)
+return (v18,)""")
+
+    def test_linear_bias_partial_group(self):
+        # K = 320: the last activation group has 64 columns; fp8fx.act_quant stays an op call
+        # (see quantize_act_decomposed) and the GEMM still becomes block_gemm.
+        g = post_grad(_build(Proj, 320, 256, bias=True), torch.randn(5, 320, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[256, 320]
+in1: f32[2, 3]
+in2: bf16[256]
+in3: s0
+in4: bf16[s0, 320]
+v5: (f8e4m3[s0, 320], f32[s0, 3]) = fp8fx.act_quant(in4, 128, False)
+v6: f8e4m3[s0, 320] = getitem(v5, 0)
+v7: f32[s0, 3] = getitem(v5, 1)
+v8: bf16[s0, 256] = fp8fx.block_gemm(v6, v7, in0, in1, in2, [128, 128], bf16)
+return (v8,)""")
+
+    def test_rmsnorm_qkv(self):
+        # One quantization of the normalized input, shared by the three GEMMs.
+        g = post_grad(_build(NormQKV), torch.randn(5, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: bf16[256]
+in1: s0
+in2: bf16[s0, 256]
+in3: f8e4m3[256, 256]
+in4: f32[2, 2]
+in5: f8e4m3[128, 256]
+in6: f32[1, 2]
+in7: f8e4m3[128, 256]
+in8: f32[1, 2]
+v9: f32[s0, 256] = prims.convert_element_type(in2, f32)
+v10: f32[s0, 256] = aten.pow(v9, 2)
+v11: f32[s0, 1] = aten.mean(v10, [1], True)
+v12: f32[s0, 1] = aten.add(v11, 9.999999974752427e-07)
+v13: f32[s0, 1] = aten.rsqrt(v12)
+v14: f32[s0, 256] = aten.mul(v9, v13)
+v15: f32[s0, 256] = aten.mul(v14, in0)
+v16: bf16[s0, 256] = prims.convert_element_type(v15, bf16)
+v17: f32[s0, 256] = prims.convert_element_type(v16, f32)
+v18: f32[s0, 2, 128] = aten.view(v17, [s0, 2, 128])
+v19: f32[s0, 2, 128] = aten.abs(v18)
+v20: f32[s0, 2] = aten.amax(v19, [-1])
+v21: f32[s0, 2] = aten.clamp_min(v20, 1e-12)
+v22: f32[s0, 2] = aten.clamp_min(v21, 448.0)
+v23: f32[s0, 2] = aten.clamp_max(v22, 448.0)
+v24: f32[s0, 2] = aten.div(v21, v23)
+v25: f32[s0, 2, 1] = aten.unsqueeze(v24, -1)
+v26: f32[s0, 2, 128] = aten.div(v18, v25)
+v27: f32[s0, 2, 128] = aten.clamp_min(v26, -448.0)
+v28: f32[s0, 2, 128] = aten.clamp_max(v27, 448.0)
+v29: f8e4m3[s0, 2, 128] = prims.convert_element_type(v28, f8e4m3)
+v30: f8e4m3[s0, 256] = aten.view(v29, [s0, 256])
+v31: bf16[s0, 256] = fp8fx.block_gemm(v30, v24, in3, in4, None, [128, 128], bf16)
+v32: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in5, in6, None, [128, 128], bf16)
+v33: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in7, in8, None, [128, 128], bf16)
+return (v31, v32, v33)""")
+
+    def test_swiglu_mlp(self):
+        g = post_grad(_build(SwiGLU), torch.randn(2, 3, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[512, 256]
+in1: f32[4, 2]
+in2: s0
+in3: s1
+in4: bf16[s0, s1, 256]
+in5: f8e4m3[512, 256]
+in6: f32[4, 2]
+in7: f8e4m3[256, 512]
+in8: f32[2, 4]
+v9: f32[s0, s1, 256] = prims.convert_element_type(in4, f32)
+v10: f32[s0, s1, 2, 128] = aten.view(v9, [s0, s1, 2, 128])
+v11: f32[s0, s1, 2, 128] = aten.abs(v10)
+v12: f32[s0, s1, 2] = aten.amax(v11, [-1])
+v13: f32[s0, s1, 2] = aten.clamp_min(v12, 1e-12)
+v14: f32[s0, s1, 2] = aten.clamp_min(v13, 448.0)
+v15: f32[s0, s1, 2] = aten.clamp_max(v14, 448.0)
+v16: f32[s0, s1, 2] = aten.div(v13, v15)
+v17: f32[s0, s1, 2, 1] = aten.unsqueeze(v16, -1)
+v18: f32[s0, s1, 2, 128] = aten.div(v10, v17)
+v19: f32[s0, s1, 2, 128] = aten.clamp_min(v18, -448.0)
+v20: f32[s0, s1, 2, 128] = aten.clamp_max(v19, 448.0)
+v21: f8e4m3[s0, s1, 2, 128] = prims.convert_element_type(v20, f8e4m3)
+v22: f8e4m3[s0, s1, 256] = aten.view(v21, [s0, s1, 256])
+v23: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in0, in1, None, [128, 128], bf16)
+v24: f32[s0, s1, 512] = prims.convert_element_type(v23, f32)
+v25: f32[s0, s1, 512] = aten.neg(v24)
+v26: f32[s0, s1, 512] = aten.exp(v25)
+v27: f32[s0, s1, 512] = aten.add(v26, 1)
+v28: f32[s0, s1, 512] = aten.div(v24, v27)
+v29: bf16[s0, s1, 512] = prims.convert_element_type(v28, bf16)
+v30: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in5, in6, None, [128, 128], bf16)
+v31: bf16[s0, s1, 512] = aten.mul(v29, v30)
+v32: f32[s0, s1, 512] = prims.convert_element_type(v31, f32)
+v33: f32[s0, s1, 4, 128] = aten.view(v32, [s0, s1, 4, 128])
+v34: f32[s0, s1, 4, 128] = aten.abs(v33)
+v35: f32[s0, s1, 4] = aten.amax(v34, [-1])
+v36: f32[s0, s1, 4] = aten.clamp_min(v35, 1e-12)
+v37: f32[s0, s1, 4] = aten.clamp_min(v36, 448.0)
+v38: f32[s0, s1, 4] = aten.clamp_max(v37, 448.0)
+v39: f32[s0, s1, 4] = aten.div(v36, v38)
+v40: f32[s0, s1, 4, 1] = aten.unsqueeze(v39, -1)
+v41: f32[s0, s1, 4, 128] = aten.div(v33, v40)
+v42: f32[s0, s1, 4, 128] = aten.clamp_min(v41, -448.0)
+v43: f32[s0, s1, 4, 128] = aten.clamp_max(v42, 448.0)
+v44: f8e4m3[s0, s1, 4, 128] = prims.convert_element_type(v43, f8e4m3)
+v45: f8e4m3[s0, s1, 512] = aten.view(v44, [s0, s1, 512])
+v46: bf16[s0, s1, 256] = fp8fx.block_gemm(v45, v39, in7, in8, None, [128, 128], bf16)
+return (v46,)""")
+
+    def test_ue8m0_scales(self):
+        g = post_grad(_build(Proj, config=BlockFP8Config(scale_fmt="ue8m0")), torch.randn(5, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[384, 256]
+in1: e8m0[3, 2]
+in2: s0
+in3: bf16[s0, 256]
+v4: f32[s0, 256] = prims.convert_element_type(in3, f32)
+v5: f32[s0, 2, 128] = aten.view(v4, [s0, 2, 128])
+v6: f32[s0, 2, 128] = aten.abs(v5)
+v7: f32[s0, 2] = aten.amax(v6, [-1])
+v8: f32[s0, 2] = aten.clamp_min(v7, 1e-12)
+v9: f32[s0, 2] = aten.clamp_min(v8, 448.0)
+v10: f32[s0, 2] = aten.clamp_max(v9, 448.0)
+v11: f32[s0, 2] = aten.div(v8, v10)
+v12: i32[s0, 2] = aten.view(v11, i32)
+v13: i32[s0, 2] = aten.bitwise_right_shift(v12, 23)
+v14: i32[s0, 2] = aten.bitwise_and(v13, 255)
+v15: i32[s0, 2] = aten.bitwise_and(v12, 8388607)
+v16: b8[s0, 2] = aten.ne(v15, 0)
+v17: i32[s0, 2] = prims.convert_element_type(v16, i32)
+v18: i32[s0, 2] = aten.add(v14, v17)
+v19: i32[s0, 2] = aten.bitwise_left_shift(v18, 23)
+v20: f32[s0, 2] = aten.view(v19, f32)
+v21: f32[s0, 2, 1] = aten.unsqueeze(v20, -1)
+v22: f32[s0, 2, 128] = aten.div(v5, v21)
+v23: f32[s0, 2, 128] = aten.clamp_min(v22, -448.0)
+v24: f32[s0, 2, 128] = aten.clamp_max(v23, 448.0)
+v25: f8e4m3[s0, 2, 128] = prims.convert_element_type(v24, f8e4m3)
+v26: f8e4m3[s0, 256] = aten.view(v25, [s0, 256])
+v27: bf16[s0, 384] = fp8fx.block_gemm(v26, v20, in0, in1, None, [128, 128], bf16)
+return (v27,)""")
+
+    def test_static_activation_scale(self):
+        model = _build(Proj, quantize=False)
+        w = model.proj.weight
+        qw = BlockFP8Tensor.from_hp(w, act_scale=torch.tensor(0.02))
+        model.proj.weight = nn.Parameter(qw, requires_grad=False)
+        g = post_grad(model, torch.randn(5, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[384, 256]
+in1: f32[3, 2]
+in2: f32[]
+in3: s0
+in4: bf16[s0, 256]
+v5: f32[s0, 256] = prims.convert_element_type(in4, f32)
+v6: f32[s0, 256] = aten.div(v5, in2)
+v7: f32[s0, 256] = aten.clamp_min(v6, -448.0)
+v8: f32[s0, 256] = aten.clamp_max(v7, 448.0)
+v9: f8e4m3[s0, 256] = prims.convert_element_type(v8, f8e4m3)
+v10: bf16[s0, 384] = fp8fx.block_gemm(v9, in2, in0, in1, None, [128, 128], bf16)
+return (v10,)""")
+
+    def test_llama_decoder_layer(self):
+        layer, h, kwargs = _llama_layer()
+        g = post_grad(layer, h, **kwargs)
+        self.assertExpectedInline(g, """\
+in0: s0
+in1: bf16[1, s0, 256]
+in2: f64[]
+in3: bf16[256]
+in4: f8e4m3[256, 256]
+in5: f32[2, 2]
+in6: f8e4m3[128, 256]
+in7: f32[1, 2]
+in8: f8e4m3[128, 256]
+in9: f32[1, 2]
+in10: bf16[1, s0, 64]
+in11: bf16[1, s0, 64]
+in12: f8e4m3[256, 256]
+in13: f32[2, 2]
+in14: f64[]
+in15: bf16[256]
+in16: f8e4m3[512, 256]
+in17: f32[4, 2]
+in18: f8e4m3[512, 256]
+in19: f32[4, 2]
+in20: f8e4m3[256, 512]
+in21: f32[2, 4]
+v22: f32[1, s0, 256] = prims.convert_element_type(in1, f32)
+v23: f32[1, s0, 256] = aten.pow(v22, 2)
+v24: f32[1, s0, 1] = aten.mean(v23, [-1], True)
+v25: f32[] = prims.convert_element_type(in2, f32)
+v26: f32[1, s0, 1] = aten.add(v24, v25)
+v27: f32[1, s0, 1] = aten.rsqrt(v26)
+v28: f32[1, s0, 256] = aten.mul(v22, v27)
+v29: bf16[1, s0, 256] = prims.convert_element_type(v28, bf16)
+v30: bf16[1, s0, 256] = aten.mul(in3, v29)
+v31: f32[1, s0, 256] = prims.convert_element_type(v30, f32)
+v32: f32[1, s0, 2, 128] = aten.view(v31, [1, s0, 2, 128])
+v33: f32[1, s0, 2, 128] = aten.abs(v32)
+v34: f32[1, s0, 2] = aten.amax(v33, [-1])
+v35: f32[1, s0, 2] = aten.clamp_min(v34, 1e-12)
+v36: f32[1, s0, 2] = aten.clamp_min(v35, 448.0)
+v37: f32[1, s0, 2] = aten.clamp_max(v36, 448.0)
+v38: f32[1, s0, 2] = aten.div(v35, v37)
+v39: f32[1, s0, 2, 1] = aten.unsqueeze(v38, -1)
+v40: f32[1, s0, 2, 128] = aten.div(v32, v39)
+v41: f32[1, s0, 2, 128] = aten.clamp_min(v40, -448.0)
+v42: f32[1, s0, 2, 128] = aten.clamp_max(v41, 448.0)
+v43: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v42, f8e4m3)
+v44: f8e4m3[1, s0, 256] = aten.view(v43, [1, s0, 256])
+v45: bf16[1, s0, 256] = fp8fx.block_gemm(v44, v38, in4, in5, None, [128, 128], bf16)
+v46: bf16[1, s0, 4, 64] = aten.view(v45, [1, in0, -1, 64])
+v47: bf16[1, 4, s0, 64] = aten.permute(v46, [0, 2, 1, 3])
+v48: bf16[1, 1, s0, 64] = aten.unsqueeze(in10, 1)
+v49: bf16[1, 4, s0, 64] = aten.mul(v47, v48)
+v50: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 32, 9223372036854775807)
+v51: bf16[1, 4, s0, 32] = aten.neg(v50)
+v52: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 0, 32)
+v53: bf16[1, 4, s0, 64] = aten.cat([v51, v52], -1)
+v54: bf16[1, 1, s0, 64] = aten.unsqueeze(in11, 1)
+v55: bf16[1, 4, s0, 64] = aten.mul(v53, v54)
+v56: bf16[1, 4, s0, 64] = aten.add(v49, v55)
+v57: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in6, in7, None, [128, 128], bf16)
+v58: bf16[1, s0, 2, 64] = aten.view(v57, [1, in0, -1, 64])
+v59: bf16[1, 2, s0, 64] = aten.permute(v58, [0, 2, 1, 3])
+v60: bf16[1, 2, s0, 64] = aten.mul(v59, v48)
+v61: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 32, 9223372036854775807)
+v62: bf16[1, 2, s0, 32] = aten.neg(v61)
+v63: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 0, 32)
+v64: bf16[1, 2, s0, 64] = aten.cat([v62, v63], -1)
+v65: bf16[1, 2, s0, 64] = aten.mul(v64, v54)
+v66: bf16[1, 2, s0, 64] = aten.add(v60, v65)
+v67: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in8, in9, None, [128, 128], bf16)
+v68: bf16[1, s0, 2, 64] = aten.view(v67, [1, in0, -1, 64])
+v69: bf16[1, 2, s0, 64] = aten.permute(v68, [0, 2, 1, 3])
+v70: (bf16[1, 4, s0, 64], f32[1, 4, s0]) = aten._scaled_dot_product_flash_attention_for_cpu(v56, v66, v69, 0.0, True, scale=0.125)
+v71: bf16[1, 4, s0, 64] = getitem(v70, 0)
+v72: bf16[1, s0, 4, 64] = aten.permute(v71, [0, 2, 1, 3])
+v73: bf16[1, s0, 256] = aten.view(v72, [1, in0, -1])
+v74: f32[1, s0, 256] = prims.convert_element_type(v73, f32)
+v75: f32[1, s0, 2, 128] = aten.view(v74, [1, s0, 2, 128])
+v76: f32[1, s0, 2, 128] = aten.abs(v75)
+v77: f32[1, s0, 2] = aten.amax(v76, [-1])
+v78: f32[1, s0, 2] = aten.clamp_min(v77, 1e-12)
+v79: f32[1, s0, 2] = aten.clamp_min(v78, 448.0)
+v80: f32[1, s0, 2] = aten.clamp_max(v79, 448.0)
+v81: f32[1, s0, 2] = aten.div(v78, v80)
+v82: f32[1, s0, 2, 1] = aten.unsqueeze(v81, -1)
+v83: f32[1, s0, 2, 128] = aten.div(v75, v82)
+v84: f32[1, s0, 2, 128] = aten.clamp_min(v83, -448.0)
+v85: f32[1, s0, 2, 128] = aten.clamp_max(v84, 448.0)
+v86: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v85, f8e4m3)
+v87: f8e4m3[1, s0, 256] = aten.view(v86, [1, s0, 256])
+v88: bf16[1, s0, 256] = fp8fx.block_gemm(v87, v81, in12, in13, None, [128, 128], bf16)
+v89: bf16[1, s0, 256] = aten.add(in1, v88)
+v90: f32[1, s0, 256] = prims.convert_element_type(v89, f32)
+v91: f32[1, s0, 256] = aten.pow(v90, 2)
+v92: f32[1, s0, 1] = aten.mean(v91, [-1], True)
+v93: f32[] = prims.convert_element_type(in14, f32)
+v94: f32[1, s0, 1] = aten.add(v92, v93)
+v95: f32[1, s0, 1] = aten.rsqrt(v94)
+v96: f32[1, s0, 256] = aten.mul(v90, v95)
+v97: bf16[1, s0, 256] = prims.convert_element_type(v96, bf16)
+v98: bf16[1, s0, 256] = aten.mul(in15, v97)
+v99: f32[1, s0, 256] = prims.convert_element_type(v98, f32)
+v100: f32[1, s0, 2, 128] = aten.view(v99, [1, s0, 2, 128])
+v101: f32[1, s0, 2, 128] = aten.abs(v100)
+v102: f32[1, s0, 2] = aten.amax(v101, [-1])
+v103: f32[1, s0, 2] = aten.clamp_min(v102, 1e-12)
+v104: f32[1, s0, 2] = aten.clamp_min(v103, 448.0)
+v105: f32[1, s0, 2] = aten.clamp_max(v104, 448.0)
+v106: f32[1, s0, 2] = aten.div(v103, v105)
+v107: f32[1, s0, 2, 1] = aten.unsqueeze(v106, -1)
+v108: f32[1, s0, 2, 128] = aten.div(v100, v107)
+v109: f32[1, s0, 2, 128] = aten.clamp_min(v108, -448.0)
+v110: f32[1, s0, 2, 128] = aten.clamp_max(v109, 448.0)
+v111: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v110, f8e4m3)
+v112: f8e4m3[1, s0, 256] = aten.view(v111, [1, s0, 256])
+v113: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in16, in17, None, [128, 128], bf16)
+v114: f32[1, s0, 512] = prims.convert_element_type(v113, f32)
+v115: f32[1, s0, 512] = aten.neg(v114)
+v116: f32[1, s0, 512] = aten.exp(v115)
+v117: f32[1, s0, 512] = aten.add(v116, 1)
+v118: f32[1, s0, 512] = aten.div(v114, v117)
+v119: bf16[1, s0, 512] = prims.convert_element_type(v118, bf16)
+v120: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in18, in19, None, [128, 128], bf16)
+v121: bf16[1, s0, 512] = aten.mul(v119, v120)
+v122: f32[1, s0, 512] = prims.convert_element_type(v121, f32)
+v123: f32[1, s0, 4, 128] = aten.view(v122, [1, s0, 4, 128])
+v124: f32[1, s0, 4, 128] = aten.abs(v123)
+v125: f32[1, s0, 4] = aten.amax(v124, [-1])
+v126: f32[1, s0, 4] = aten.clamp_min(v125, 1e-12)
+v127: f32[1, s0, 4] = aten.clamp_min(v126, 448.0)
+v128: f32[1, s0, 4] = aten.clamp_max(v127, 448.0)
+v129: f32[1, s0, 4] = aten.div(v126, v128)
+v130: f32[1, s0, 4, 1] = aten.unsqueeze(v129, -1)
+v131: f32[1, s0, 4, 128] = aten.div(v123, v130)
+v132: f32[1, s0, 4, 128] = aten.clamp_min(v131, -448.0)
+v133: f32[1, s0, 4, 128] = aten.clamp_max(v132, 448.0)
+v134: f8e4m3[1, s0, 4, 128] = prims.convert_element_type(v133, f8e4m3)
+v135: f8e4m3[1, s0, 512] = aten.view(v134, [1, s0, 512])
+v136: bf16[1, s0, 256] = fp8fx.block_gemm(v135, v129, in20, in21, None, [128, 128], bf16)
+v137: bf16[1, s0, 256] = aten.add(v89, v136)
+return (v137,)""")
+
+    def test_excluded_module(self):
+        config = BlockFP8Config(modules_to_not_convert=("down_proj",))
+        g = post_grad(_build(SwiGLU, config=config), torch.randn(3, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[512, 256]
+in1: f32[4, 2]
+in2: s0
+in3: bf16[s0, 256]
+in4: f8e4m3[512, 256]
+in5: f32[4, 2]
+in6: bf16[256, 512]
+v7: f32[s0, 256] = prims.convert_element_type(in3, f32)
+v8: f32[s0, 2, 128] = aten.view(v7, [s0, 2, 128])
+v9: f32[s0, 2, 128] = aten.abs(v8)
+v10: f32[s0, 2] = aten.amax(v9, [-1])
+v11: f32[s0, 2] = aten.clamp_min(v10, 1e-12)
+v12: f32[s0, 2] = aten.clamp_min(v11, 448.0)
+v13: f32[s0, 2] = aten.clamp_max(v12, 448.0)
+v14: f32[s0, 2] = aten.div(v11, v13)
+v15: f32[s0, 2, 1] = aten.unsqueeze(v14, -1)
+v16: f32[s0, 2, 128] = aten.div(v8, v15)
+v17: f32[s0, 2, 128] = aten.clamp_min(v16, -448.0)
+v18: f32[s0, 2, 128] = aten.clamp_max(v17, 448.0)
+v19: f8e4m3[s0, 2, 128] = prims.convert_element_type(v18, f8e4m3)
+v20: f8e4m3[s0, 256] = aten.view(v19, [s0, 256])
+v21: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in0, in1, None, [128, 128], bf16)
+v22: f32[s0, 512] = prims.convert_element_type(v21, f32)
+v23: f32[s0, 512] = aten.neg(v22)
+v24: f32[s0, 512] = aten.exp(v23)
+v25: f32[s0, 512] = aten.add(v24, 1)
+v26: f32[s0, 512] = aten.div(v22, v25)
+v27: bf16[s0, 512] = prims.convert_element_type(v26, bf16)
+v28: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in4, in5, None, [128, 128], bf16)
+v29: bf16[s0, 512] = aten.mul(v27, v28)
+v30: bf16[512, 256] = aten.permute(in6, [1, 0])
+v31: bf16[s0, 256] = aten.mm(v29, v30)
+return (v31,)""")
+
+    def test_ineligible_shape(self):
+        # N = 40 is not a multiple of 16: quantize_ keeps it in bf16 and the pass never sees it.
+        model = _build(nn.Sequential, nn.Linear(256, 256), nn.Linear(256, 40))
+        g = post_grad(model, torch.randn(3, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: bf16[256]
+in3: s0
+in4: bf16[s0, 256]
+in5: bf16[40, 256]
+in6: bf16[40]
+v7: f32[s0, 256] = prims.convert_element_type(in4, f32)
+v8: f32[s0, 2, 128] = aten.view(v7, [s0, 2, 128])
+v9: f32[s0, 2, 128] = aten.abs(v8)
+v10: f32[s0, 2] = aten.amax(v9, [-1])
+v11: f32[s0, 2] = aten.clamp_min(v10, 1e-12)
+v12: f32[s0, 2] = aten.clamp_min(v11, 448.0)
+v13: f32[s0, 2] = aten.clamp_max(v12, 448.0)
+v14: f32[s0, 2] = aten.div(v11, v13)
+v15: f32[s0, 2, 1] = aten.unsqueeze(v14, -1)
+v16: f32[s0, 2, 128] = aten.div(v8, v15)
+v17: f32[s0, 2, 128] = aten.clamp_min(v16, -448.0)
+v18: f32[s0, 2, 128] = aten.clamp_max(v17, 448.0)
+v19: f8e4m3[s0, 2, 128] = prims.convert_element_type(v18, f8e4m3)
+v20: f8e4m3[s0, 256] = aten.view(v19, [s0, 256])
+v21: bf16[s0, 256] = fp8fx.block_gemm(v20, v14, in0, in1, in2, [128, 128], bf16)
+v22: bf16[256, 40] = aten.permute(in5, [1, 0])
+v23: bf16[s0, 40] = aten.addmm(in6, v21, v22)
+return (v23,)""")
+
+    def test_unquantized_model(self):
+        # The bf16 model compiled directly: weights quantized at compile time as constants
+        # (the first inputs), the bf16 weight inputs unread.
+        g = post_grad(_build(NormQKV, quantize=False), torch.randn(5, 256, dtype=BF16))
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: f8e4m3[128, 256]
+in3: f32[1, 2]
+in4: f8e4m3[128, 256]
+in5: f32[1, 2]
+in6: bf16[256]
+in7: s0
+in8: bf16[s0, 256]
+in9: bf16[256, 256]
+in10: bf16[128, 256]
+in11: bf16[128, 256]
+v12: f32[s0, 256] = prims.convert_element_type(in8, f32)
+v13: f32[s0, 256] = aten.pow(v12, 2)
+v14: f32[s0, 1] = aten.mean(v13, [1], True)
+v15: f32[s0, 1] = aten.add(v14, 9.999999974752427e-07)
+v16: f32[s0, 1] = aten.rsqrt(v15)
+v17: f32[s0, 256] = aten.mul(v12, v16)
+v18: f32[s0, 256] = aten.mul(v17, in6)
+v19: bf16[s0, 256] = prims.convert_element_type(v18, bf16)
+v20: f32[s0, 256] = prims.convert_element_type(v19, f32)
+v21: f32[s0, 2, 128] = aten.view(v20, [s0, 2, 128])
+v22: f32[s0, 2, 128] = aten.abs(v21)
+v23: f32[s0, 2] = aten.amax(v22, [-1])
+v24: f32[s0, 2] = aten.clamp_min(v23, 1e-12)
+v25: f32[s0, 2] = aten.clamp_min(v24, 448.0)
+v26: f32[s0, 2] = aten.clamp_max(v25, 448.0)
+v27: f32[s0, 2] = aten.div(v24, v26)
+v28: f32[s0, 2, 1] = aten.unsqueeze(v27, -1)
+v29: f32[s0, 2, 128] = aten.div(v21, v28)
+v30: f32[s0, 2, 128] = aten.clamp_min(v29, -448.0)
+v31: f32[s0, 2, 128] = aten.clamp_max(v30, 448.0)
+v32: f8e4m3[s0, 2, 128] = prims.convert_element_type(v31, f8e4m3)
+v33: f8e4m3[s0, 256] = aten.view(v32, [s0, 256])
+v34: bf16[s0, 256] = fp8fx.block_gemm(v33, v27, in0, in1, None, [128, 128], bf16)
+v35: bf16[s0, 128] = fp8fx.block_gemm(v33, v27, in2, in3, None, [128, 128], bf16)
+v36: bf16[s0, 128] = fp8fx.block_gemm(v33, v27, in4, in5, None, [128, 128], bf16)
+return (v34, v35, v36)""")
+
+
+def _ops(graph_text: str) -> list[str]:
+    """Ops and result types of a formatted graph, without names (inputs may be ordered differently)."""
+    return [re.sub(r"\b(in|v)\d+\b", "_", line.split(": ", 1)[1]) for line in graph_text.splitlines() if line.startswith("v")]
+
+
+def test_unquantized_path_gives_the_quantized_graph():
+    x = torch.randn(5, 256, dtype=BF16)
+    quantized = post_grad(_build(NormQKV), x)
+    frozen = post_grad(_build(NormQKV, quantize=False), x)
+    assert _ops(frozen) == _ops(quantized)
+    # The bf16 weights are graph inputs Dynamo still passes, but nothing reads them.
+    torch._dynamo.reset()
+    graphs: list = []
+    model = _build(NormQKV, quantize=False)
+    with torch.no_grad():
+        torch.compile(model, backend=post_grad_backend(None, graphs), fullgraph=True)(x)
+    bf16_weights = [n for n in graphs[0].graph.find_nodes(op="placeholder") if n.meta["val"].shape in ((256, 256), (128, 256)) and n.meta["val"].dtype == BF16]
+    assert len(bf16_weights) == 3 and all(not n.users for n in bf16_weights)
+
+
+# -- generated code: the quantization is fused into its producer -------------------------------
+
+
+def test_quant_fused_into_rmsnorm_and_silu_mul():
+    model = _build(SwiGLU, norm=True)
+    x = heavy_tailed(7, 256, dtype=BF16, seed=2, outliers=False)
+    with fresh_compile():
+        out, code = compile_and_code(model, x)
+        assert counters["fp8fx"] == {"linear": 3, "act_quant_shared": 1, "act_quant_decomposed": 2}
+    # RMSNorm + quant in one kernel, gate and up GEMMs, SiLU*mul + quant in one kernel, down GEMM:
+    # no standalone quantization kernel between a producer and its GEMM.
+    seq = call_sequence(code)
+    assert [s if s == "gemm" else "kernel" for s in seq] == ["kernel", "gemm", "gemm", "kernel", "gemm"], seq
+    norm_kernel, silu_kernel = kernel_source(code, seq[0][7:]), kernel_source(code, seq[3][7:])
+    FileCheck().check("rsqrt").check("abs").check("448.0").check("at::Float8_e4m3fn").run(norm_kernel)
+    FileCheck().check("exp").check("abs").check("448.0").check("at::Float8_e4m3fn").run(silu_kernel)
+    # Division by the scale, as the reference does, never a reciprocal multiply.
+    FileCheck().check_not("reciprocal").run(norm_kernel + silu_kernel)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=0.02, atol=0.02)
+
+
+def test_kernel_count_vs_bf16_compiled():
+    # fp8fx adds no kernels: the bf16 MLP needs the same two pointwise kernels (norm, silu*mul).
+    x = torch.randn(7, 256, dtype=BF16)
+    with fresh_compile():
+        _, fp8_code = compile_and_code(_build(SwiGLU, norm=True), x)
+        _, bf16_code = compile_and_code(_build(SwiGLU, norm=True, quantize=False), x, b="inductor")
+    fp8_kernels = [s for s in call_sequence(fp8_code) if s != "gemm"]
+    bf16_kernels = re.findall(r"^\s+(cpp_fused\w*)\(", bf16_code[bf16_code.index("def call(") :], re.M)
+    assert len(fp8_kernels) <= len(bf16_kernels), (fp8_kernels, bf16_kernels)
+
+
+# -- numerics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decomposed_quant_codes_match_reference(scale_fmt, dtype):
+    # Compiled by Inductor (C++): zero rows, heavy tails, outliers.
+    x = heavy_tailed(33, 384, dtype=dtype, seed=4)
+    x[3] = 0
+    with fresh_compile():
+        fn = torch.compile(lambda t: quantize_act_decomposed(t, 128, scale_fmt == "ue8m0"), fullgraph=True, dynamic=True)
+        q, s = fn(x)
+    q_ref, s_ref = R.quantize_act(x, 128, scale_fmt)
+    assert codes_equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_matches_eager_and_reference(compiled):
+    model = _build(Proj, 320, 256, bias=True)
+    x = heavy_tailed(2, 5, 320, dtype=BF16, seed=5)
+    w = model.proj.weight
+    expect = R.linear(x, w.qdata, w.scale, model.proj.bias, None, (128, 128))
+    with fresh_compile(), torch.no_grad():
+        fn = torch.compile(model, backend=backend, fullgraph=True, dynamic=True) if compiled else model
+        y = fn(x)
+    # Same fp8 codes, same GEMM implementation on CPU: bit-identical.
+    assert torch.equal(y, expect)
+
+
+def test_llama_layer_numerics_and_no_recompiles():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    layer, h, kwargs = _llama_layer()
+    rope = LlamaRotaryEmbedding(layer.self_attn.config)
+
+    def run(compiled, t):
+        ht = heavy_tailed(1, t, 256, dtype=BF16, seed=t, outliers=False)
+        cos, sin = rope(ht, torch.arange(t)[None])
+        return compiled(ht, position_embeddings=(cos, sin), attention_mask=None)
+
+    with fresh_compile(), torch.no_grad():
+        compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+        y = compiled(h, **kwargs)
+        assert counters["fp8fx"]["linear"] == 7
+        assert rel_err(y, layer(h, **kwargs)) < 0.01
+        for t in (4, 13, 2):  # prefill lengths: the one dynamic graph
+            assert run(compiled, t).shape == (1, t, 256)
+        assert counters["stats"]["unique_graphs"] == 1
+        # A single token is a size Dynamo specializes (0/1): one decode graph, then no more.
+        run(compiled, 1)
+        run(compiled, 1)
+        assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_unquantized_model_compiles_to_fp8():
+    x = heavy_tailed(6, 256, dtype=BF16, seed=6)
+    model = _build(NormQKV, quantize=False)
+    eager_fp8 = copy.deepcopy(model)
+    fp8fx.quantize_(eager_fp8)
+    with fresh_compile(), torch.no_grad():
+        y = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)(x)
+        assert counters["fp8fx"]["linear"] == 3
+    report = last_report()
+    assert [r.name for r in report.converted] == ["q.weight", "k.weight", "v.weight"]
+    assert report.bytes_after < 0.52 * report.bytes_before
+    ref = eager_fp8(x)
+    for a, b in zip(y, ref):
+        assert rel_err(a, b) < 0.01
+    assert all(not isinstance(p, BlockFP8Tensor) for p in model.parameters())  # the model is untouched
+
+
+def test_unquantized_model_rules_match_quantize_():
+    config = BlockFP8Config(modules_to_not_convert=("up_proj",))
+    model = nn.Sequential(SwiGLU(), nn.Linear(256, 40)).to(BF16).requires_grad_(False)
+    with fresh_compile(), torch.no_grad():
+        torch.compile(model, backend=backend_with(config), fullgraph=True)(torch.randn(3, 256, dtype=BF16))
+    report = last_report()
+    expected = fp8fx.quantize_(copy.deepcopy(model), config)
+    assert [r.name for r in report.converted] == [r.name for r in expected.converted]
+    assert [(r.name, r.reason) for r in report.skipped] == [(r.name, r.reason) for r in expected.skipped]
+
+
+def test_unquantized_model_with_grad_raises():
+    model = Proj().to(BF16)  # parameters require grad, grad mode on
+    with fresh_compile(), pytest.raises(Exception, match="requires grad"):
+        torch.compile(model, backend=backend, fullgraph=True)(torch.randn(3, 256, dtype=BF16))
+
+
+def test_nothing_eligible_runs_unchanged():
+    model = _build(Proj, 256, 40)  # N = 40: skipped by quantize_
+    x = torch.randn(3, 256, dtype=BF16)
+    with fresh_compile(), torch.no_grad():
+        y = torch.compile(model, backend=backend, fullgraph=True)(x)
+        assert not counters["fp8fx"]
+    torch.testing.assert_close(y, model(x))
+    text = str(explain(model, x))
+    assert "0 GEMM weights rewritten" in text and "multiples of 16" in text
+
+
+# -- backend plumbing -------------------------------------------------------------------------
+
+
+def test_explain_reports_rewritten_and_skipped():
+    config = BlockFP8Config(modules_to_not_convert=("down_proj",))
+    e = explain(_build(SwiGLU, quantize=False), torch.randn(3, 256, dtype=BF16), config=config)
+    expecttest.assert_expected_inline(str(e), """\
+fp8fx.explain: 1 graph, 2 GEMM weights rewritten to block-FP8, 1 skipped
+  rewritten gate_proj.weight [512, 256] (quantized at compile time)
+  rewritten up_proj.weight [512, 256] (quantized at compile time)
+  skipped   down_proj.weight [256, 512]: excluded by modules_to_not_convert pattern 'down_proj'
+  post-grad rewrites: act_quant_decomposed x1, act_quant_shared x1, linear x2""")
+
+
+def test_inductor_config_scoped():
+    from torch._inductor import config as inductor_config
+
+    before = (inductor_config.post_grad_custom_post_pass, inductor_config.emulate_precision_casts, inductor_config.max_autotune)
+    with fresh_compile(), torch.no_grad():
+        torch.compile(_build(Proj), backend=backend_with(options={"max_autotune": False}), fullgraph=True)(torch.randn(3, 256, dtype=BF16))
+    assert (inductor_config.post_grad_custom_post_pass, inductor_config.emulate_precision_casts, inductor_config.max_autotune) == before
+
+
+def test_backend_options():
+    assert isinstance(backend, Backend) and backend.config == BlockFP8Config()
+    b = backend_with(mode="max-autotune", cudagraphs=False, options={"coordinate_descent_tuning": False})
+    patches = b.inductor_config()
+    assert patches["max_autotune"] and patches["triton.cudagraphs"] is False and patches["coordinate_descent_tuning"] is False
+    assert isinstance(patches["post_grad_custom_post_pass"], PostGradPass)
+    assert patches["emulate_precision_casts"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        backend_with(mode="fastest")
+
+
+def test_pass_uuid():
+    assert PostGradPass().uuid() == PostGradPass().uuid()
+    assert PostGradPass().uuid() != PostGradPass(BlockFP8Config(scale_fmt="ue8m0")).uuid()
+    assert isinstance(PostGradPass().uuid(), bytes)
