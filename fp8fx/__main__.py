@@ -90,6 +90,10 @@ def bench(args) -> int:
         from fp8fx.kernels import bench as gemm_bench
 
         return gemm_bench.main(args.rest)
+    if args.what == "e2e":
+        from fp8fx import bench_e2e
+
+        return bench_e2e.main(args.rest)
     from fp8fx.kernels import bench_moe
 
     return bench_moe.main(args.rest)
@@ -121,8 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale-fmt", choices=["float32", "ue8m0"], default="float32")
     p.set_defaults(func=demo)
-    p = sub.add_parser("bench", help="GPU benchmarks: gemm, moe")
-    p.add_argument("what", choices=["gemm", "moe"])
+    p = sub.add_parser("bench", help="GPU benchmarks: gemm, moe, e2e")
+    p.add_argument("what", choices=["gemm", "moe", "e2e"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     p = sub.add_parser("convert", help="convert a bf16/fp16 transformers checkpoint directory to block FP8")

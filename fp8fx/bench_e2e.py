@@ -1,0 +1,162 @@
+"""``python -m fp8fx bench e2e``: a transformers Llama at Llama-3-8B dimensions, end to end.
+
+One process, one GPU, random bf16 weights built locally (nothing downloaded). For each
+variant: prefill latency of 1 x PREFILL tokens (no cache), and decode latency per token at
+batch 1 and 16 with a static KV cache (a 128-token prompt, then timed single-token steps):
+    bf16 eager        transformers as is
+    bf16 compiled     torch.compile (Inductor; decode with CUDA graphs)
+    fp8fx eager       fp8fx.quantize_ (BlockFP8Tensor weights, fp8fx kernels)
+    fp8fx compiled    torch.compile(backend=fp8fx.backend_with(...)) on the quantized model
+Medians over repeats; CUDA-graph replays are what "compiled" decode times. Also weight memory
+and compile times. ``--layers`` trades fidelity for time (32 is Llama-3-8B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def _model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **LLAMA3_8B)
+    torch.manual_seed(0)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(saved)
+    for p in model.parameters():  # small random weights: realistic magnitudes, no NaN/Inf
+        p.data.normal_(0.0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _weight_bytes(model) -> int:
+    from fp8fx import BlockFP8Tensor
+
+    return sum(p.nbytes_fp8() if isinstance(p, BlockFP8Tensor) else p.numel() * p.element_size()
+               for p in model.parameters())
+
+
+def _decode_ms(model, fwd, batch: int, steps: int, repeats: int) -> float:
+    """Per-token decode latency with a static cache: prompt of 128, then ``steps`` tokens."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=128 + steps + 8)
+    prompt = torch.randint(0, 1000, (batch, 128), device="cuda")
+    token = torch.randint(0, 1000, (batch, 1), device="cuda")
+    model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(128, device="cuda"), use_cache=True)
+    positions = [torch.tensor([128 + i], device="cuda") for i in range(steps)]
+
+    def run():
+        for pos in positions:
+            fwd(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True)
+
+    return _median_ms(run, repeats) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fp8fx bench e2e", description=__doc__)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fp8fx bench e2e: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import fp8fx
+
+    model = _model(args.layers)
+    ids = torch.randint(0, 1000, (1, args.prefill), device="cuda")
+    rows = []
+
+    def measure(name, fwd_prefill, fwd_decode, compiled=False):
+        row = {"variant": name, "compile_s": None}
+        with torch.inference_mode():
+            if compiled:  # the first prefill call compiles
+                t0 = time.perf_counter()
+                fwd_prefill(input_ids=ids, use_cache=False)
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t0
+            row["prefill_ms"] = _median_ms(lambda: fwd_prefill(input_ids=ids, use_cache=False), args.repeats)
+            for b in args.batches:
+                row[f"decode{b}_ms"] = _decode_ms(model, fwd_decode, b, args.steps, args.repeats)
+        row["weights_gib"] = _weight_bytes(model) / 2**30
+        rows.append(row)
+        print(row, flush=True)
+
+    def compiled_pair(backend_prefill, backend_decode):
+        # Prefill: dynamic sequence; decode: static shapes, CUDA graphs.
+        return (torch.compile(model, backend=backend_prefill, dynamic=True),
+                torch.compile(model, backend=backend_decode, dynamic=False))
+
+    measure("bf16 eager", model, model)
+    torch._dynamo.reset()
+    from torch._inductor.compile_fx import compile_fx
+
+    def inductor(mode_options):
+        def backend(gm, inputs):
+            return compile_fx(gm, inputs, config_patches=mode_options)
+        return backend
+
+    prefill, decode = compiled_pair(inductor({}), inductor({"triton.cudagraphs": True}))
+    measure("bf16 compiled", prefill, decode, compiled=True)
+    torch._dynamo.reset()
+
+    report = fp8fx.quantize_(model)
+    print(report, flush=True)
+    measure("fp8fx eager", model, model)
+    torch._dynamo.reset()
+    prefill, decode = compiled_pair(fp8fx.backend, fp8fx.backend_with(cudagraphs=True))
+    measure("fp8fx compiled", prefill, decode, compiled=True)
+
+    base = {r["variant"]: r for r in rows}
+    print(f"\ndevice {torch.cuda.get_device_name()}, torch {torch.__version__}, Llama-3-8B dimensions, "
+          f"{args.layers} layers, prefill 1 x {args.prefill}, decode: 128-token prompt + {args.steps} steps")
+    cols = ["prefill_ms"] + [f"decode{b}_ms" for b in args.batches]
+    print("| variant | " + " | ".join(cols) + " | weights GiB | first-call (compile) s |")
+    print("|---" * (len(cols) + 3) + "|")
+    for r in rows:
+        cells = [f"{r[c]:.2f}" for c in cols]
+        comp = "" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+        print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['weights_gib']:.1f} | {comp} |")
+    bc, fc, fe = base["bf16 compiled"], base["fp8fx compiled"], base["fp8fx eager"]
+    print("\n| ratio | value | target |\n|---|---|---|")
+    print(f"| fp8fx compiled / bf16 compiled, decode b1 tokens/s | {bc['decode1_ms'] / fc['decode1_ms']:.2f} | >= 1.6 |")
+    print(f"| fp8fx compiled / bf16 compiled, prefill | {bc['prefill_ms'] / fc['prefill_ms']:.2f} | >= 1.35 |")
+    print(f"| fp8fx compiled / fp8fx eager, prefill | {fe['prefill_ms'] / fc['prefill_ms']:.2f} | >= 1.15 |")
+    print(f"| weight memory, quantized linears fp8 / bf16 | {report.bytes_after / report.bytes_before:.3f} | <= 0.51 |")
+    print(f"| weight memory, whole model (embedding and lm_head stay bf16) | "
+          f"{fc['weights_gib'] / base['bf16 eager']['weights_gib']:.2f} | |")
+    print(f"| compile time (first prefill call) fp8fx / bf16 | {fc['compile_s'] / bc['compile_s']:.2f} | <= 1.5 |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
