@@ -13,6 +13,7 @@ configs); NOTES.md beside this file holds the measurements they were read from.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -176,8 +177,14 @@ def choose(
     pref: str | None = None,
 ) -> str:
     """Backend for one GEMM: "triton_fused" (only when ``fused_quant``), "triton", "cublas"
-    or "deepgemm". ``fused_quant``: the caller holds high-precision activations (linear)."""
-    pref = _check(pref or _preference)
+    or "deepgemm". ``fused_quant``: the caller holds high-precision activations (linear).
+
+    Memoized per shape: it runs on every GEMM call, where Python time is decode latency."""
+    return _choose(m, n, k, out_dtype, device, fused_quant, static_act, _check(pref or _preference))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(m, n, k, out_dtype, device, fused_quant, static_act, pref) -> str:
     cls = shape_class(m)
     measured = pref == "auto"
     if measured:
