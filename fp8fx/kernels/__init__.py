@@ -142,12 +142,17 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         y = gemm(xq2, xs2, qweight, wscale, bias, out_dtype)
     else:
         # The extern needs rows padded to 4 and column-major scales: a per-call copy here,
-        # which fp8fx::linear avoids by quantizing straight into that layout.
+        # which fp8fx::linear avoids by quantizing straight into that layout. Aligned M
+        # (prefill) copies only the [M, nK] scales.
         mp = triton.cdiv(m, cublas.M_ALIGN) * cublas.M_ALIGN
-        xq_p = xq2.new_zeros(mp, k)
-        xq_p[:m] = xq2
-        xs_p = torch.ones(xs2.shape[1], mp, dtype=torch.float32, device=xs2.device)
-        xs_p[:, :m] = xs2.t()
+        if mp == m:
+            xq_p = xq2.contiguous()
+            xs_p = xs2.t().contiguous()
+        else:
+            xq_p = xq2.new_zeros(mp, k)
+            xq_p[:m] = xq2
+            xs_p = torch.ones(xs2.shape[1], mp, dtype=torch.float32, device=xs2.device)
+            xs_p[:, :m] = xs2.t()
         y = _gemm_extern(backend, xq_p, xs_p.t(), qweight, wscale, bias, out_dtype, m)
     return y.reshape(*lead, n)
 
