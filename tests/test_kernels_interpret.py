@@ -9,32 +9,16 @@ launch and run in both processes.
 Legend: M tokens, N out_features, K in_features.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import INTERPRET_INNER as INNER, interpreted, run_interpreted
 from fp8fx import reference
-
-INNER = os.environ.get("FP8FX_INTERPRET_INNER") == "1"
-interpreted = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 
 @pytest.mark.skipif(INNER, reason="this is the launcher")
 def test_interpreted_suite():
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", FP8FX_INTERPRET_INNER="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    summary = r.stdout.strip().splitlines()[-1]
-    assert " passed, 1 skipped" in summary, summary  # only the launcher itself is skipped
+    run_interpreted(__file__)
 
 
 def _x(m, k, dtype, seed):
