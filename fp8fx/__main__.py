@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="quantize a small locally built Llama model and compare it with bf16")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale-fmt", choices=["float32", "ue8m0"], default="float32")
