@@ -159,3 +159,17 @@ def test_chunked_quantization_is_bit_identical(monkeypatch):
         q, s = api.quantize_weight_chunked(w, (128, 128), fmt, "w")
         q0, s0 = R.quantize_weight(w, scale_fmt=fmt)
         assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s.float(), s0.float())
+
+
+def test_kernel_preference_is_applied():
+    from fp8fx.kernels import dispatch
+
+    before = dispatch.get_preference()
+    try:
+        fp8fx.quantize_(nn.Sequential(nn.Linear(256, 256)), BlockFP8Config(kernel="cublas"))
+        assert dispatch.get_preference() == "cublas"
+        assert dispatch.choose(4096, 4096, 4096, torch.bfloat16, torch.device("cuda")) == "cublas"
+        # K = 4480 (ceil(K/128) = 35, not a multiple of 4): cuBLAS refuses it, Triton takes it.
+        assert dispatch.choose(4096, 4096, 4480, torch.bfloat16, torch.device("cuda")) == "triton"
+    finally:
+        dispatch.set_preference(before)
