@@ -91,3 +91,42 @@ def test_moe_block_compiles_fullgraph_without_recompiles():
             x = torch.randn(1, t, 256, dtype=torch.bfloat16)
             assert rel_err(compiled(x), block(x)) < 0.05
     assert cnt.frame_count == 2  # static first call, then one dynamic graph
+
+
+def test_mixtral_fused_experts():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=256, intermediate_size=256, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+    )
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    report = fp8fx.quantize_(model)
+    assert any(".experts.gate_up_proj" in r.name for r in report.converted)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits.float(), ref) < 0.15
+
+
+class _ExpertMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = torch.nn.Linear(256, 128), torch.nn.Linear(256, 128), torch.nn.Linear(128, 256)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+def test_per_expert_module_list_experts():
+    """Older Mixtral-style MoE: a ModuleList of per-expert MLPs (plain nn.Linear each)."""
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList([_ExpertMLP() for _ in range(4)]).to(torch.bfloat16)
+    x = torch.randn(6, 256, dtype=torch.bfloat16)
+    ref = torch.stack([e(x) for e in experts]).float()
+    report = fp8fx.quantize_(experts)
+    assert len(report.converted) == 12 and all(isinstance(e.w2.weight, BlockFP8Tensor) for e in experts)
+    with torch.no_grad():
+        assert rel_err(torch.stack([e(x) for e in experts]).float(), ref) < 0.1
