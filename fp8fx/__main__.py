@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import statistics
 import sys
 import time
@@ -112,6 +113,21 @@ def inspect(args) -> int:
     from fp8fx.convert import inspect as run_inspect
 
     print("\n".join(run_inspect(args.path)))
+    if args.trace:
+        # Load the model and trace it as fp8fx.backend compiles it: the GEMMs of the real
+        # graph, rewritten or skipped (a bf16 checkpoint is quantized at compile time).
+        import fp8fx
+        from fp8fx.hf import read_quantization_config
+
+        if read_quantization_config(Path(args.path)) is not None:
+            model = fp8fx.from_pretrained(args.path)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.bfloat16).eval()
+            model.requires_grad_(False)
+        ids = torch.randint(0, model.config.vocab_size, (1, 8))
+        print(fp8fx.explain(model, ids))
     return 0
 
 
@@ -139,6 +155,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=convert)
     p = sub.add_parser("inspect", help="what a checkpoint holds and what fp8fx does with each GEMM")
     p.add_argument("path")
+    p.add_argument("--trace", action="store_true",
+                   help="also load the model (CPU) and trace it as fp8fx.backend compiles it (fp8fx.explain)")
     p.set_defaults(func=inspect)
     args = parser.parse_args(argv)
     try:

@@ -105,8 +105,12 @@ def test_cli_convert_inspect_and_errors(llama_ckpt, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "block-FP8 checkpoint" in out.stdout and "scales e8m0" in out.stdout
     assert "kept    lm_head.weight" in out.stdout
-    out = _cli("inspect", llama_ckpt)
+    out = _cli("inspect", llama_ckpt, "--trace")
     assert "would quantize model.layers.0.self_attn.q_proj.weight [256, 256]" in out.stdout
+    # The traced graph: a bf16 checkpoint's linears are quantized at compile time.
+    assert "14 GEMM weights rewritten to block-FP8" in out.stdout, out.stdout + out.stderr
+    out = _cli("inspect", dst, "--trace")
+    assert "11 GEMM weights rewritten to block-FP8" in out.stdout, out.stdout + out.stderr
 
     # A destination that exists, a missing source, a quantized source: clear, non-zero.
     out = _cli("convert", llama_ckpt, dst)
