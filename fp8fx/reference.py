@@ -53,11 +53,14 @@ def scale_grid(n: int, k: int, block_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
-    """2 ** ceil(log2(v)) for positive normal fp32 v, exactly (bit arithmetic, no log2 rounding)."""
+    """2 ** ceil(log2(v)) for positive normal fp32 v, exactly (bit arithmetic, no log2 rounding).
+
+    Written with named bitwise ops so the compile pass (passes/linear.py) can trace this very
+    function into aten ops Inductor lowers."""
     bits = v.view(torch.int32)
-    exponent = (bits >> 23) & 0xFF
-    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
+    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, 23), 0xFF)
+    exponent = exponent + torch.ne(torch.bitwise_and(bits, 0x7FFFFF), 0).to(torch.int32)
+    return torch.bitwise_left_shift(exponent, 23).view(torch.float32)
 
 
 def amax_to_scale(amax: torch.Tensor, scale_fmt: str = "float32") -> torch.Tensor:

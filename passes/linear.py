@@ -42,14 +42,6 @@ _FP8 = reference.FP8_DTYPE
 _FP8_MAX = reference.FP8_MAX
 
 
-def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
-    # reference._pow2_ceil, written with ops Inductor lowers (bitcast views, shifts, masks).
-    bits = v.view(torch.int32)
-    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, 23), 0xFF)
-    exponent = exponent + torch.ne(torch.bitwise_and(bits, 0x7FFFFF), 0).to(torch.int32)
-    return torch.bitwise_left_shift(exponent, 23).view(torch.float32)
-
-
 def quantize_act_decomposed(x: torch.Tensor, group_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.quantize_act in fusable aten ops: x[..., K] -> (q[..., K] fp8, s[..., G] fp32).
 
@@ -66,7 +58,7 @@ def quantize_act_decomposed(x: torch.Tensor, group_size: int, ue8m0: bool) -> tu
     # which moves some scales by 1 ulp. clamp(amax, 448, 448) is 448 for any non-NaN amax.
     s = amax / amax.clamp(_FP8_MAX, _FP8_MAX)
     if ue8m0:
-        s = _pow2_ceil(s)
+        s = reference._pow2_ceil(s)
     # q is computed on the [..., G, 128] grid of the amax reduction, so Inductor can emit the
     # quotient in the reducing kernel itself (Triton: one persistent reduction per group);
     # passes/lowering.py realizes the viewed result once for all GEMMs that read it.
