@@ -1,38 +1,257 @@
-"""Inductor lowering of fp8fx.block_gemm.
+"""Inductor lowering of fp8fx.block_gemm: a choice of kernels, picked per shape.
 
-    fp8fx.block_gemm(xq, xs, qweight, wscale, bias?, block, out_dtype)
-        -> realize xq, xs once (contiguous), then an extern call of the custom op
-        -> CUDA: fp8fx.kernels.block_gemm_cuda -> dispatch.choose(M, N, K): Triton | cuBLAS | DeepGEMM
-           CPU:  the pure-torch reference
+    fp8fx.block_gemm(xq[..., K], xs[..., nK], qweight[N, K], wscale[nN, nK], bias?, block, out_dtype)
+        -> xq as [M, K] row-major, xs as [M, nK] column-major (the layout the quant kernel
+           that Inductor fused into the producer writes directly; cuBLAS wants it, Triton
+           reads it with coalesced loads)
+        -> choices:
+           "fp8fx" template  generated Triton, Inductor fuses epilogues (residual add, cast,
+                             activation) into its store; the bias is added in fp32 before it
+           extern auto       fp8fx.kernels' run-time dispatch on the real M (split-K / small-M
+                             kernels, cuBLAS, DeepGEMM): one graph serves every token count
+           extern cublas     torch._scaled_mm blockwise (static M % 4 == 0, ceil(K/128) % 4 == 0)
+           extern triton     fp8fx's standalone Triton kernel (split-K for small M)
+           extern deepgemm   when DeepGEMM imports
+        -> max-autotune: Inductor benchmarks every choice at this shape and keeps the fastest;
+           otherwise one choice from the measured table (fp8fx/kernels/dispatch.py) at the
+           static M, or the run-time dispatch when M is dynamic.
 
-Realizing the inputs in the lowering (rather than through Inductor's default custom-op
-stride constraint, which copies an unrealized input once per consumer) lets q/k/v or
-gate/up GEMMs share one buffer of fp8 codes and one of scales.
-
+The externs are plain Python functions the generated wrapper calls directly: no custom-op
+dispatch per GEMM. CPU graphs (tests, CI) take the run-time extern, which runs the reference.
 The op is never decomposed, so Inductor cannot hand a block-FP8 GEMM to its own blockwise
 ``_scaled_mm`` template (wrong results and illegal memory accesses on torch 2.11, DESIGN.md).
-The kernel is picked at run time from the actual M by the kernels' measured table
-(fp8fx/kernels/dispatch.py), so one compiled graph serves every token count. Not yet:
-autotuned choices under max-autotune and Triton templates with fused epilogues.
+Static activation scales and block sizes other than 128 x 128 take the run-time extern.
+
+Counters (torch._dynamo.utils.counters["fp8fx"]): block_gemm_lowered,
+block_gemm_template_default, block_gemm_cublas_default, block_gemm_autotuned.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from typing import Optional
 
 import torch
+from torch._dynamo.utils import counters
 
-__all__ = ["register"]
+__all__ = ["register", "block_gemm_extern", "TEMPLATE_CONFIGS"]
+
+_BLOCK = [128, 128]
+log = logging.getLogger(__name__)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the template's autotune list, from the standalone
+# kernel's sweep (fp8fx/kernels/NOTES.md); BLOCK_K is the scale group, 128.
+TEMPLATE_CONFIGS = [
+    (64, 64, 4, 4),
+    (64, 128, 4, 4),
+    (128, 128, 8, 3),
+    (128, 128, 8, 4),
+    (128, 256, 8, 3),
+    (64, 256, 4, 3),
+]
+
+_TEMPLATE_SOURCE = r"""
+{% if HAS_BIAS %}{{def_kernel("A", "AS", "B", "BS", "BIAS")}}{% else %}{{def_kernel("A", "AS", "B", "BS")}}{% endif %}
+    M = {{size("A", 0)}}
+    N = {{size("B", 0)}}
+    K = {{size("A", 1)}}
+    if M * N == 0:
+        return
+    stride_am = {{stride("A", 0)}}
+    stride_sam = {{stride("AS", 0)}}
+    stride_sak = {{stride("AS", 1)}}
+    stride_bn = {{stride("B", 0)}}
+    stride_sbn = {{stride("BS", 0)}}
+    stride_sbk = {{stride("BS", 1)}}
+
+    # GROUP_M row tiles share each sweep over the columns: weight tiles are reused from L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rm = tl.where(m_ok, offs_m, 0).to(tl.int64)  # clamped: loads stay in bounds, the store masks
+    rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    a_ptrs = A + rm[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + rn[None, :] * stride_bn + offs_k[:, None]
+    sa_ptrs = AS + rm * stride_sam
+    if BLOCK_N <= 128:
+        sb_ptrs = BS + (pid_n * BLOCK_N // 128) * stride_sbn  # one weight block row per tile
+    else:
+        sb_ptrs = BS + (rn // 128) * stride_sbn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + offs_k < K
+        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None], other=0.0)
+        sa = tl.load(sa_ptrs + kb * stride_sak)
+        if B_SCALE_E8M0:  # e8m0 arrives as uint8: the exponent bits of an fp32 power of two
+            sb = (tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+        partial = tl.dot(a, b)  # one 128-wide K block, promoted into fp32 with its scales
+        if BLOCK_N <= 128:
+            acc += partial * (sa * sb)[:, None]
+        else:
+            acc += partial * (sa[:, None] * sb[None, :])
+
+    {% if HAS_BIAS %}
+    acc += tl.load(BIAS + rn).to(tl.float32)[None, :]  # in fp32, before the one rounding
+    {% endif %}
+    idx_m = offs_m[:, None]
+    idx_n = offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+"""
+
+
+def block_gemm_extern(xq, xs, qweight, wscale, bias=None, *, out_dtype, backend="auto", block_size=_BLOCK):
+    """What a compiled graph calls for an extern choice: xq[M, K] fp8, xs[M, nK] (or a static
+    scale) -> y[M, N]. ``backend`` "auto" dispatches on the real M at run time; "cublas",
+    "triton", "deepgemm" pin one. Shapes were checked at trace time by the op's fake."""
+    if not xq.is_cuda:
+        return torch.ops.fp8fx.block_gemm.default(xq, xs, qweight, wscale, bias, list(block_size), out_dtype)
+    from fp8fx import kernels
+    from fp8fx.kernels import dispatch
+
+    if backend == "auto":
+        return kernels.block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype)
+    with dispatch.preference(backend):
+        return kernels.block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype)
+
+
+@functools.cache
+def _extern_choice():
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    return ExternKernelChoice(block_gemm_extern, name="fp8fx_block_gemm", has_out_variant=False)
+
+
+@functools.cache
+def _template():
+    from torch._inductor.kernel.mm_common import mm_grid
+    from torch._inductor.select_algorithm import TritonTemplate
+
+    return TritonTemplate(name="fp8fx_block_gemm", grid=mm_grid, source=_TEMPLATE_SOURCE)
+
+
+def _static_int(expr) -> Optional[int]:
+    try:
+        return int(expr)
+    except TypeError:
+        return None
+
+
+def _max_autotune() -> bool:
+    from torch._inductor import config
+
+    return bool(config.max_autotune or config.max_autotune_gemm)
 
 
 def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     from torch._inductor import ir
-    from torch._inductor.lowering import fallback_handler
+    from torch._inductor.lowering import lowerings
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+    from torch._inductor.virtualized import V
 
-    xq, xs = (ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t)) for t in (xq, xs))
-    return fallback_handler(torch.ops.fp8fx.block_gemm.default, add_to_fallback_set=False)(
-        xq, xs, qweight, wscale, bias, block_size, out_dtype
+    from fp8fx import reference
+    from fp8fx.kernels import dispatch
+
+    counters["fp8fx"]["block_gemm_lowered"] += 1
+    reshape = lowerings[torch.ops.aten.reshape.default]
+    *lead, k = xq.get_size()
+    n = qweight.get_size()[0]
+    m = functools.reduce(lambda a, b: a * b, lead, 1)
+    device = xq.get_device()
+    static_act = len(xs.get_size()) == 0 or len(xs.get_size()) != len(xq.get_size())
+    extern = _extern_choice()
+
+    xq2 = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(reshape(xq, [m, k])))
+    if static_act:
+        xs2 = ir.ExternKernel.realize_input(xs)
+    else:
+        # Column-major [M, nK]: Inductor writes the scales this way in the fused quant kernel.
+        xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(reshape(xs, [m, xs.get_size()[-1]])), [0, 1])
+    qweight, wscale = (ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t)) for t in (qweight, wscale))
+    if bias is not None:
+        bias = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(bias))
+    inputs = [xq2, xs2, qweight, wscale] + ([bias] if bias is not None else [])
+    layout = ir.FixedLayout(device, out_dtype, [m, n])
+    kw = dict(out_dtype=out_dtype, block_size=list(block_size))
+
+    def finish(node):
+        return reshape(node, [*lead, n])
+
+    k_int, n_int, m_int = _static_int(k), _static_int(n), _static_int(m)
+    template_ok = (
+        device.type == "cuda"
+        and list(block_size) == _BLOCK
+        and not static_act
+        and k_int is not None and k_int % 16 == 0
+        and n_int is not None
+        and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and wscale.get_dtype() in (torch.float32, reference.E8M0_DTYPE)
     )
+    cublas_ok = template_ok and m_int is not None and m_int % 4 == 0 and dispatch._cublas_ok(k_int, out_dtype, False)
+
+    def template_choice(choices, cfg):
+        bm, bn, warps, stages = cfg
+        try:
+            _template().maybe_append_choice(
+                choices, input_nodes=inputs, layout=layout, num_stages=stages, num_warps=warps,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, HAS_BIAS=bias is not None,
+                B_SCALE_E8M0=wscale.get_dtype() == reference.E8M0_DTYPE,
+            )
+        except Exception as e:  # an Inductor that cannot generate it: the externs remain
+            counters["fp8fx"]["block_gemm_template_failed"] += 1
+            log.warning("fp8fx: the block-FP8 Triton template was not generated (%s: %s); using the extern", type(e).__name__, e)
+
+    if not template_ok:
+        return finish(extern.bind(inputs, layout, **kw).output_node())
+
+    if _max_autotune():
+        counters["fp8fx"]["block_gemm_autotuned"] += 1
+        choices = [extern.bind(inputs, layout, backend="auto", **kw)]
+        if m_int is None or m_int > 0:
+            for cfg in TEMPLATE_CONFIGS:
+                template_choice(choices, cfg)
+            choices.append(extern.bind(inputs, layout, backend="triton", **kw))
+        if cublas_ok:
+            choices.append(extern.bind(inputs, layout, backend="cublas", **kw))
+        from fp8fx.kernels import deepgemm
+
+        if m_int is not None and deepgemm.supports(m_int, n_int, k_int, out_dtype, torch.device(device)):
+            choices.append(extern.bind(inputs, layout, backend="deepgemm", **kw))
+        return finish(autotune_select_algorithm("fp8fx_block_gemm", choices, inputs, layout))
+
+    # Default: the measured table's choice at a static M (as the run-time dispatch would take).
+    if m_int is not None and m_int > 0:
+        from fp8fx.kernels.block_gemm import num_sms, pick_split_k
+
+        choice = dispatch.choose(m_int, n_int, k_int, out_dtype, torch.device(device))
+        if choice == "triton":
+            cfg = dispatch.triton_config(m_int, n_int, k_int)
+            if pick_split_k(m_int, n_int, k_int, cfg, num_sms(torch.device(device))) == 1:
+                choices = []
+                template_choice(choices, (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages))
+                if choices:
+                    counters["fp8fx"]["block_gemm_template_default"] += 1
+                    return finish(autotune_select_algorithm("fp8fx_block_gemm", choices, inputs, layout))
+        elif choice == "cublas" and cublas_ok:
+            counters["fp8fx"]["block_gemm_cublas_default"] += 1
+            return finish(extern.bind(inputs, layout, backend="cublas", **kw).output_node())
+    return finish(extern.bind(inputs, layout, **kw).output_node())
 
 
 @functools.cache
@@ -41,6 +260,7 @@ def register() -> None:
     from torch._inductor.lowering import lowerings, register_lowering
 
     op = torch.ops.fp8fx.block_gemm.default
+    _extern_choice()  # the generated code (and a cached one) names extern_kernels.fp8fx_block_gemm
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(_block_gemm)
     if torch.cuda.is_available():

@@ -130,11 +130,11 @@ def compile_and_code(model, *args, b=backend, **kwargs):
 
 def call_sequence(code: str) -> list[str]:
     """The generated ``call`` body as a list: 'kernel:<name>' for each fused kernel launch and
-    'gemm' for each fp8fx.block_gemm extern call, in order."""
+    'gemm' for each block-FP8 GEMM call (passes/lowering.py's extern), in order."""
     body = code[code.index("def call(") :]
     seq = []
     for line in body.splitlines():
-        if "torch.ops.fp8fx.block_gemm.default(" in line and "assert" not in line:
+        if "extern_kernels.fp8fx_block_gemm(" in line:
             seq.append("gemm")
         elif (m := re.match(r"\s+(cpp_fused\w*)\(", line)) is not None:
             seq.append("kernel:" + m.group(1))
@@ -627,7 +627,7 @@ def test_quant_fused_into_rmsnorm_and_silu_mul():
     x = heavy_tailed(7, 256, dtype=BF16, seed=2, outliers=False)
     with fresh_compile():
         out, code = compile_and_code(model, x)
-        assert counters["fp8fx"] == {"linear": 3, "act_quant_shared": 1, "act_quant_decomposed": 2}
+        assert counters["fp8fx"] == {"linear": 3, "act_quant_shared": 1, "act_quant_decomposed": 2, "block_gemm_lowered": 3}
     # RMSNorm + quant in one kernel, gate and up GEMMs, SiLU*mul + quant in one kernel, down GEMM:
     # no standalone quantization kernel between a producer and its GEMM.
     seq = call_sequence(code)
@@ -639,6 +639,22 @@ def test_quant_fused_into_rmsnorm_and_silu_mul():
     FileCheck().check_not("reciprocal").run(norm_kernel + silu_kernel)
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=0.02, atol=0.02)
+
+
+def test_gemm_reads_scales_written_column_major():
+    # passes/lowering.py asks for [M, nK] scales with strides (1, M): the fused quant kernel
+    # writes them in the layout cuBLAS takes, so no transpose copy runs per GEMM.
+    x = torch.randn(7, 256, dtype=BF16)
+    with fresh_compile():
+        _, code = compile_and_code(_build(SwiGLU, norm=True), x)
+    body = code[code.index("def call(") :]
+    calls = re.findall(r"extern_kernels\.fp8fx_block_gemm\((?:reinterpret_tensor\(\w+, \([^)]*\), \([^)]*\), \d+\)|\w+), (\w+),", body)
+    assert len(calls) == 3, body
+    for buf in set(calls):
+        alloc = re.search(rf"{buf} = empty_strided_cpu\(\((\w+), (\d+)\), \((\d+), (\w+)\)", body)
+        assert alloc is not None, (buf, body)
+        rows, groups, stride0, stride1 = alloc.groups()
+        assert stride0 == "1" and stride1 == rows, alloc.group(0)
 
 
 def test_kernel_count_vs_bf16_compiled():
