@@ -13,6 +13,11 @@ Legend: T tokens, N out_features, K in_features, E experts.
         -> y[..., N]                        GEMM of already quantized activations
     fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
         block_size) -> y[T, N]              MoE experts over tokens sorted by expert
+    fp8fx::grouped_linear_masked(x[E, M, K], qweight[E, N, K], wscale[E, nN, nK], masked_m[E] int,
+        act_scale[E]?, block_size) -> y[E, M, N]
+                                        MoE experts over per-expert padded batches (decode):
+                                        rows :masked_m[e] of expert e are valid, the rest of
+                                        y[e] is zeros; 0 <= masked_m[e] <= M
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from fp8fx import reference
 
-__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear"]
+__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear", "grouped_linear_masked"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -202,3 +207,49 @@ def grouped_linear(
 def _(x, qweight, wscale, offs, act_scale, block_size):
     check_grouped_args(x, qweight, wscale, offs, act_scale, block_size)
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+def check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size) -> None:
+    """Validate fp8fx::grouped_linear_masked inputs (shapes and dtypes; the values of masked_m
+    live on the device and are checked where they are read)."""
+    _check_weight(qweight, wscale, block_size, expert_dims=1)
+    e, _, k = qweight.shape
+    _check_x(x, k)
+    if x.dim() != 3 or x.shape[0] != e:
+        raise ValueError(
+            f"fp8fx: grouped_linear_masked takes per-expert batches x[E, M, K] with E = {e}, got shape {tuple(x.shape)}"
+        )
+    if tuple(masked_m.shape) != (e,) or masked_m.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"fp8fx: masked_m must be an int32/int64 tensor of shape ({e},), "
+            f"got {masked_m.dtype} {tuple(masked_m.shape)}"
+        )
+    if act_scale is not None and tuple(act_scale.shape) != (e,):
+        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+    _check_same_device(input=x, qweight=qweight, wscale=wscale, masked_m=masked_m, act_scale=act_scale)
+
+
+@torch.library.custom_op("fp8fx::grouped_linear_masked", mutates_args=())
+def grouped_linear_masked(
+    x: Tensor,
+    qweight: Tensor,
+    wscale: Tensor,
+    masked_m: Tensor,
+    act_scale: Optional[Tensor],
+    block_size: list[int],
+) -> Tensor:
+    check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size)
+    if x.is_cuda and _cuda("grouped_linear_masked"):
+        # No host sync: a count outside [0, M] fails at a later CUDA call (the kernels clamp
+        # it first, so memory outside the batch is never touched).
+        m = x.shape[1]
+        in_range = masked_m.clamp(0, m).eq(masked_m).all()  # few launches: this is decode latency
+        torch._assert_async(in_range, f"fp8fx: grouped_linear_masked needs 0 <= masked_m <= M = {m}")
+        return _cuda("grouped_linear_masked")(x, qweight, wscale, masked_m, act_scale, block_size)
+    return reference.grouped_linear_masked(x, qweight, wscale, masked_m, act_scale, tuple(block_size))
+
+
+@grouped_linear_masked.register_fake
+def _(x, qweight, wscale, masked_m, act_scale, block_size):
+    check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size)
+    return x.new_empty(x.shape[0], x.shape[1], qweight.shape[1])

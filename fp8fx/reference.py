@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_act",
     "linear",
     "grouped_linear",
+    "grouped_linear_masked",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -233,4 +234,38 @@ def grouped_linear(
             a = None if act_scale is None else act_scale[i]
             y[start:end] = linear(x[start:end], qweight[i], wscale[i], None, a, block_size)
         start = end
+    return y
+
+
+def grouped_linear_masked(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    masked_m: torch.Tensor,
+    act_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """Grouped (MoE) block-FP8 linear over per-expert padded batches (the "masked" layout).
+
+    x[E, M, K]; qweight[E, N, K]; wscale[E, nN, nK]; masked_m[E] int, the number of valid rows
+    of each expert's batch (0 <= masked_m[e] <= M); act_scale None or [E] (static).
+    -> y[E, M, N] in x's dtype: y[e, :masked_m[e]] = linear(x[e, :masked_m[e]]), the other
+    rows zeros (never computed from the padding, whatever it holds).
+    """
+    e, n, _ = qweight.shape
+    if x.dim() != 3 or x.shape[0] != e:
+        raise ValueError(f"x must be [E, M, K] with E = {e} experts, got shape {tuple(x.shape)}")
+    if masked_m.shape != (e,):
+        raise ValueError(f"masked_m must have shape ({e},) (one row count per expert), got {tuple(masked_m.shape)}")
+    m = x.shape[1]
+    counts = masked_m.tolist()
+    bad = [(i, c) for i, c in enumerate(counts) if not 0 <= c <= m]
+    if bad:
+        i, c = bad[0]
+        raise ValueError(f"masked_m[{i}] = {c} is outside [0, M = {m}] (M = x.shape[1], the rows per expert)")
+    y = x.new_zeros(e, m, n)
+    for i, c in enumerate(counts):
+        if c:
+            a = None if act_scale is None else act_scale[i]
+            y[i, :c] = linear(x[i, :c], qweight[i], wscale[i], None, a, block_size)
     return y

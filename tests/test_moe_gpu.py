@@ -90,3 +90,141 @@ def test_qwen3_moe_block_fp8_matches_eager_fp8():
     # input (3 mantissa bits), hence a bound above bf16 rounding (measured 5.8e-3, H200).
     assert _rel(grouped, looped) < 1e-2
     assert _rel(grouped, ref) < 0.08
+
+
+# --- masked layout: fp8fx::grouped_linear_masked -------------------------------------------
+
+
+def _masked_case(e, m, n, k, counts, scale_fmt, seed=0):
+    from conftest import heavy_tailed
+
+    q, s = R.quantize_weight((heavy_tailed(e, n, k, seed=seed) * 0.02).cuda(), scale_fmt=scale_fmt)
+    x = heavy_tailed(e, m, k, seed=seed + 1).cuda().to(torch.bfloat16)
+    x[0, :1] = 0.0
+    for i, c in enumerate(counts):
+        x[i, c:] = float("nan")  # padding is never read
+    return x, q, s, torch.tensor(counts, device="cuda", dtype=torch.int32)
+
+
+def _exact_masked(x, q, s, masked_m, act=None):
+    """The fp64 product of the dequantized operands, and of their magnitudes (|xd| @ |wd|.T)."""
+    fmt = "ue8m0" if s.dtype == torch.float8_e8m0fnu else "float32"
+    y = torch.zeros(*x.shape[:2], q.shape[1], device=x.device, dtype=torch.float64)
+    mag = torch.zeros_like(y)
+    for i, c in enumerate(masked_m.tolist()):
+        if c:
+            if act is None:
+                xd = R.dequantize_act(*R.quantize_act(x[i, :c], 128, fmt)).double()
+            else:
+                xd = R.dequantize_act(R.quantize_act_static(x[i, :c], act[i]), act[i]).double()
+            wd = R.dequantize_weight(q[i], s[i]).double()
+            y[i, :c], mag[i, :c] = xd @ wd.t(), xd.abs() @ wd.abs().t()
+    return y, mag
+
+
+def _check_masked(y, x, q, s, masked_m, act=None):
+    """Element by element: |y - exact| <= u |exact| + 2**-8 (|xd| @ |wd|.T), u the output's
+    unit roundoff (2**-8 bf16, 2**-24 fp32). Heavy-tailed rows carry their norm in a few
+    elements, so a norm-wise 2e-3 bound is at the mercy of those elements' bf16 rounding (up
+    to 2**-8 = 3.9e-3 relative; measured 2.5e-3 and 3.0e-3 on two experts, H200, run 1).
+    The magnitude term bounds the fp8 MMA's reduced-precision accumulation within a 128-wide
+    K block (DeepSeek-V3 report: ~14 bits kept) where terms cancel: measured up to 1.03e-3
+    of the magnitude (H200, 3 x 200 x 1536 x 2048 UE8M0, run 2), so 2**-10 was too tight.
+    An indexing or scale error is O(1) of the magnitude."""
+    ref, mag = _exact_masked(x, q, s, masked_m, act)
+    assert y.shape == ref.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    u = 2.0**-8 if y.dtype == torch.bfloat16 else 2.0**-24
+    for i, c in enumerate(masked_m.tolist()):
+        assert torch.equal(y[i, c:], torch.zeros_like(y[i, c:])), f"expert {i}: padding rows not zero"
+        err = (y[i, :c].double() - ref[i, :c]).abs()
+        excess = err - (u * ref[i, :c].abs() + 2.0**-8 * mag[i, :c])
+        assert (excess <= 0).all(), f"expert {i}: worst excess {excess.max().item():.3g}"
+        if c:  # and the usual norm-wise view, with the bf16 worst case as its bound
+            assert _rel(y[i, :c], ref[i, :c]) <= 2.0**-8 + 5e-4, f"expert {i}"
+
+
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize(
+    "e,m,n,k,counts",
+    [
+        (4, 64, 4096, 7168, [64, 0, 1, 37]),  # masked_m = M, 0, 1
+        (1, 1, 7168, 2048, [1]),  # M = 1 (decode)
+        (8, 16, 576, 7168, [0, 16, 3, 16, 1, 0, 9, 15]),  # a partial N block
+        (3, 200, 1536, 2048, [200, 130, 0]),  # the mid-M tile config
+        (2, 1024, 2112, 7168, [1000, 513]),  # the large-M tile config
+        (2, 5, 304, 272, [5, 2]),  # N and K not multiples of 128
+    ],
+)
+def test_grouped_linear_masked_vs_reference(e, m, n, k, counts, scale_fmt):
+    x, q, s, masked_m = _masked_case(e, m, n, k, counts, scale_fmt, seed=n + k)
+    torch.empty(512 * 2**20, device="cuda").fill_(float("nan"))  # poison the allocator
+    y = torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128])
+    _check_masked(y, x, q, s, masked_m)
+
+
+def test_grouped_linear_masked_fp32_output():
+    x, q, s, masked_m = _masked_case(4, 64, 4096, 7168, [64, 0, 1, 37], "float32", seed=4)
+    y = torch.ops.fp8fx.grouped_linear_masked(x.float(), q, s, masked_m, None, [128, 128])
+    _check_masked(y, x.float(), q, s, masked_m)
+
+
+def test_grouped_linear_masked_static_scales_int64_counts_and_deepgemm_preference():
+    from fp8fx.kernels import dispatch
+
+    x, q, s, masked_m = _masked_case(3, 32, 512, 1024, [32, 7, 0], "float32", seed=11)
+    act = torch.tensor([0.05, 0.1, 0.2], device="cuda")
+    y = torch.ops.fp8fx.grouped_linear_masked(x.clamp(-40, 40), q, s, masked_m.long(), act, [128, 128])
+    _check_masked(y, x.clamp(-40, 40), q, s, masked_m, act)
+    plain = torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128])
+    with dispatch.preference("deepgemm"):  # falls back to Triton where DeepGEMM does not load
+        assert torch.equal(torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128]), plain)
+
+
+def test_grouped_linear_masked_cuda_graph_follows_device_counts():
+    """No host sync: one captured graph serves new counts written into masked_m in place."""
+    x, q, s, masked_m = _masked_case(4, 16, 1024, 2048, [16, 16, 16, 16], "ue8m0", seed=5)
+    x = x.nan_to_num(0.0)
+    op = lambda: torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = op()
+    for counts in ([16, 0, 3, 9], [1, 16, 0, 0]):
+        masked_m.copy_(torch.tensor(counts))
+        graph.replay()
+        _check_masked(y.clone(), x, q, s, masked_m)
+
+
+def test_grouped_linear_masked_compiles():
+    x, q, s, masked_m = _masked_case(2, 8, 256, 512, [8, 3], "float32", seed=2)
+    x = x.nan_to_num(0.0)
+
+    def f(x, masked_m):
+        return torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128]).float().relu()
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(x, masked_m), f(x, masked_m))
+
+
+def test_grouped_linear_masked_out_of_range_count_asserts_on_device():
+    """masked_m > M: a device-side assert (it poisons the CUDA context, so in a subprocess)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fp8fx.ops\n"
+        "from fp8fx import reference as R\n"
+        "q, s = R.quantize_weight(torch.randn(2, 128, 256, device='cuda'))\n"
+        "x = torch.randn(2, 4, 256, device='cuda', dtype=torch.bfloat16)\n"
+        "counts = torch.tensor([4, 5], device='cuda', dtype=torch.int32)\n"
+        "y = torch.ops.fp8fx.grouped_linear_masked(x, q, s, counts, None, [128, 128])\n"
+        "torch.cuda.synchronize()\n"
+        "print('NO ERROR')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "assert" in r.stderr.lower(), r.stderr[-2000:]

@@ -2,8 +2,13 @@
 
 In one process on one GPU, CUDA-graph replays (do_bench_cudagraph medians):
     grouped   fp8fx grouped GEMM (fp8 activations + scales, contiguous layout) vs bf16
-              torch._grouped_mm, on shared/bench/shapes.json's DeepSeek-V3 expert shapes
-              (groups x rows per group, N, K), TFLOP/s
+              torch._grouped_mm, on shared/bench/shapes.json's DeepSeek-V3 contiguous expert
+              shapes (groups x rows per group, N, K), TFLOP/s
+    masked    fp8fx masked grouped GEMM (per-expert padded batches, counts on the device) vs
+              bf16 torch.bmm over the padded batches, on shapes.json's DeepSeek-V3 masked
+              shapes (every row valid) and on decode batches (capacity 64 or 16, random
+              counts); TFLOP/s counts the valid rows only, for both. ``--sweep`` times
+              every grouped_masked.CONFIGS entry per shape (GEMM alone)
     layer     transformers Qwen3MoeSparseMoeBlock (128 experts, top-8, hidden 2048,
               intermediate 768): bf16 experts_implementation="grouped_mm" vs fp8fx
               (quantize_ -> experts_implementation="fp8fx"), at 1, 16, 256, 4096 tokens, ms
@@ -50,6 +55,66 @@ def _grouped_row(groups: int, rows: int, n: int, k: int, rep: int) -> dict:
             "lin": flops / lin / 1e9}
 
 
+# Decode batches for the masked layout (not in shapes.json): (experts, capacity M), counts
+# drawn uniformly from [1, M] with a fixed seed.
+MASKED_DECODE = [(8, 64), (32, 16)]
+
+
+def _masked_inputs(groups: int, rows: int, n: int, k: int, full: bool):
+    from fp8fx import reference
+
+    g = torch.Generator().manual_seed(groups * rows + n)
+    counts = torch.full((groups,), rows) if full else torch.randint(1, rows + 1, (groups,), generator=g)
+    x = torch.randn(groups, rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, s = reference.quantize_weight(w)
+    return x, w, q, s, counts.to("cuda", torch.int32), int(counts.sum())
+
+
+def _masked_row(groups: int, rows: int, n: int, k: int, rep: int, full: bool, sweep: bool) -> dict:
+    from fp8fx.kernels.grouped_masked import CONFIGS, config_for, grouped_gemm_masked, masked_act_quant
+
+    x, w, q, s, masked_m, valid = _masked_inputs(groups, rows, n, k, full)
+    xq, xs = masked_act_quant(x, masked_m)
+    flops = 2 * valid * n * k
+    wt = w.transpose(1, 2)
+    tf = lambda fn: flops / _ms(fn, rep) / 1e9
+    gemm = lambda c: (lambda: grouped_gemm_masked(xq, xs, q, s, masked_m, torch.bfloat16, *c))
+    row = {
+        "shape": f"{groups} x {rows} x {n} x {k}",
+        "valid": valid,
+        "bf16": tf(lambda: torch.bmm(x, wt)),
+        "fp8": tf(gemm(config_for(rows))),
+        "lin": tf(lambda: torch.ops.fp8fx.grouped_linear_masked(x, q, s, masked_m, None, [128, 128])),
+        "config": "m{}n{}w{}s{}".format(*config_for(rows)),
+    }
+    if sweep:
+        row["sweep"] = {"m{}n{}w{}s{}".format(*c): tf(gemm(c)) for c in CONFIGS}
+    return row
+
+
+def _masked_table(rep: int, sweep: bool) -> None:
+    print("\n| masked grouped GEMM, experts x capacity M x N x K | valid rows | bf16 bmm TF | fp8fx GEMM TF "
+          "| fp8fx quant+GEMM TF | GEMM/bf16 | quant+GEMM/bf16 | config |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(g, r, n, k, True) for g, r in MASKED for n, k in NK]
+    rows += [(g, r, n, k, False) for g, r in MASKED_DECODE for n, k in NK]
+    swept = []
+    for groups, capacity, n, k, full in rows:
+        r = _masked_row(groups, capacity, n, k, rep, full, sweep)
+        print(f"| {r['shape']} | {r['valid']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['lin']:.0f} "
+              f"| {r['fp8'] / r['bf16']:.2f} | {r['lin'] / r['bf16']:.2f} | {r['config']} |")
+        if sweep:
+            swept.append(r)
+    if swept:
+        names = list(swept[0]["sweep"])
+        print("\n| masked GEMM sweep, TF | " + " | ".join(names) + " | best |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for r in swept:
+            best = max(names, key=r["sweep"].get)
+            print(f"| {r['shape']} | " + " | ".join(f"{r['sweep'][c]:.0f}" for c in names) + f" | {best} |")
+
+
 def _layer_rows(rep: int) -> list[dict]:
     import fp8fx
     from transformers import Qwen3MoeConfig
@@ -83,21 +148,29 @@ def _layer_rows(rep: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx bench moe", description=__doc__)
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
+    parser.add_argument("--only", choices=["grouped", "masked", "layer"], action="append",
+                        help="run only these tables (repeatable); default: all")
+    parser.add_argument("--sweep", action="store_true", help="masked: time every tile config too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench moe: needs a CUDA GPU", file=sys.stderr)
         return 2
+    tables = args.only or ["grouped", "masked", "layer"]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("\n| grouped GEMM, groups x rows x N x K | bf16 _grouped_mm TF | fp8fx GEMM TF | fp8fx quant+GEMM TF | GEMM/bf16 |")
-    print("|---|---|---|---|---|")
-    for groups, rows in CONTIGUOUS + MASKED:
-        for n, k in NK:
-            r = _grouped_row(groups, rows, n, k, args.rep)
-            print(f"| {r['shape']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['lin']:.0f} | {r['fp8'] / r['bf16']:.2f} |")
-    print("\n| Qwen3-30B-A3B MoE layer, tokens | bf16 grouped_mm ms | fp8fx ms | speed-up | rel. error |")
-    print("|---|---|---|---|---|")
-    for r in _layer_rows(args.rep):
-        print(f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['bf16_ms'] / r['fp8_ms']:.2f} | {r['err']:.3f} |")
+    if "grouped" in tables:
+        print("\n| grouped GEMM, groups x rows x N x K | bf16 _grouped_mm TF | fp8fx GEMM TF | fp8fx quant+GEMM TF | GEMM/bf16 |")
+        print("|---|---|---|---|---|")
+        for groups, rows in CONTIGUOUS + MASKED:  # masked shapes too, here in the contiguous layout
+            for n, k in NK:
+                r = _grouped_row(groups, rows, n, k, args.rep)
+                print(f"| {r['shape']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['lin']:.0f} | {r['fp8'] / r['bf16']:.2f} |")
+    if "masked" in tables:
+        _masked_table(args.rep, args.sweep)
+    if "layer" in tables:
+        print("\n| Qwen3-30B-A3B MoE layer, tokens | bf16 grouped_mm ms | fp8fx ms | speed-up | rel. error |")
+        print("|---|---|---|---|---|")
+        for r in _layer_rows(args.rep):
+            print(f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['bf16_ms'] / r['fp8_ms']:.2f} | {r['err']:.3f} |")
     return 0
 
 

@@ -13,6 +13,10 @@ No host synchronisation and no preparatory launches: each program derives its ti
 sized for the worst case, cdiv(T, BM) + E + 1 row tiles; tiles past the last one return at
 once. The tail past offs[-1] is one more pseudo-group whose tiles store zeros, so the
 output needs no memset.
+
+With the kernel preference "deepgemm" (BlockFP8Config(kernel="deepgemm")), ``grouped_linear``
+hands the GEMM to DeepGEMM's contiguous grouped GEMM when it loads (deepgemm.py says how the
+rows are padded to its alignment; that route has never run on our machines).
 """
 
 from __future__ import annotations
@@ -165,9 +169,32 @@ def config_for(rows: int, experts: int) -> tuple[int, int, int]:
     return 128, 8, 4
 
 
+def _deepgemm_contiguous(x, qweight, wscale, offs, ue8m0):
+    """The opt-in DeepGEMM route (never run here: DeepGEMM is not installed on our machines)."""
+    from fp8fx.kernels import deepgemm, prepared_weight_scale
+
+    xq, xs = act_quant(x, ue8m0=ue8m0)
+    sfb = prepared_weight_scale(wscale, qweight.shape[1], "deepgemm")
+    arch = torch.cuda.get_device_capability(x.device)[0]
+    return deepgemm.grouped_contiguous(xq, xs, qweight, sfb, offs, x.dtype, arch)
+
+
+def _use_deepgemm(x, qweight, act_scale, ue8m0) -> bool:
+    """Only when the user asked for DeepGEMM (kernel="deepgemm") and it loads and fits."""
+    from fp8fx.kernels import deepgemm, dispatch
+
+    if dispatch.get_preference() != "deepgemm" or act_scale is not None or not x.is_cuda:
+        return False
+    _, n, k = qweight.shape
+    return deepgemm.supports_grouped("contiguous", n, k, x.dtype, x.device, ue8m0)
+
+
 def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
-    """CUDA implementation of fp8fx::grouped_linear: quantize x per token, grouped GEMM."""
+    """CUDA implementation of fp8fx::grouped_linear: quantize x per token, grouped GEMM
+    (DeepGEMM's contiguous grouped GEMM instead when the user opted in and it loads)."""
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
+    if _use_deepgemm(x, qweight, act_scale, ue8m0):
+        return _deepgemm_contiguous(x, qweight, wscale, offs, ue8m0)
     if act_scale is None:
         xq, xs = act_quant(x, ue8m0=ue8m0, group_size=block_size[1])
     else:
