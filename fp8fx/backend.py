@@ -6,7 +6,9 @@
 What a compile does, per Dynamo graph:
     1. (unquantized models) every eligible ``linear`` whose weight is a high-precision
        parameter is quantized now and replaced by ``fp8fx.linear`` on frozen fp8 constants
-       (same rules and report as ``fp8fx.quantize_``); see ``freeze_weights``.
+       (same rules and report as ``fp8fx.quantize_``), and every recognized MoE expert GEMM
+       on a 3-D expert parameter by ``fp8fx.grouped_linear`` (fp8fx.passes.moe); see
+       ``freeze_weights``.
     2. Inductor's ``compile_fx`` with ``post_grad_custom_post_pass = fp8fx.passes.PostGradPass``
        (and the mode's options) patched in for this compile only: the pass splits each
        ``fp8fx.linear`` into aten act-quant, which Inductor fuses into the producer, and
@@ -88,7 +90,13 @@ class Backend:
 
         lowering.register()
         report = freeze_weights(gm, example_inputs, self.config) if self.freeze else None
-        compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
+        if self.config.kernel == "auto":
+            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
+        else:  # the lowering's default choice follows the preference too
+            from fp8fx.kernels import dispatch
+
+            with dispatch.preference(self.config.kernel):
+                compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
         if report is not None:  # only once the compile went through (Dynamo may restart it)
             _LAST_REPORT = report
         if self.config.kernel == "auto" or not torch.cuda.is_available():
@@ -183,52 +191,70 @@ def _add_constant(gm: torch.fx.GraphModule, name: str, t: torch.Tensor) -> None:
         gm._param_name_to_source[name] = ConstantSource(f"fp8fx_{name}")
 
 
+def freeze_skip_reason(fqn: str, w, config: BlockFP8Config, shared: Optional[str]) -> Optional[str]:
+    """Why the compile-time freeze keeps parameter ``fqn`` in high precision (None: quantize it).
+    ``shared`` is the reason to give when the graph uses the weight in ways the rewrite does not
+    cover (None when it does not). Eligibility is ``fp8fx.quantize_``'s."""
+    mname, pname = fqn.rpartition(".")[::2]
+    aliases = {id(w): [fqn, "another use"]} if shared else {}
+    reason = _skip_reason(nn.Module(), mname, _NO_MODULE, pname, w, config, None, aliases)
+    if reason is None and w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reason = f"dtype {w.dtype} cannot be quantized"
+    if reason is None and type(w) not in (torch.Tensor, nn.Parameter):
+        reason = f"a {type(w).__name__} weight is left to its own implementation"
+    if reason is not None and reason.startswith("tied to"):
+        reason = shared
+    return reason
+
+
+def require_no_grad(fqn: str, w: torch.Tensor) -> None:
+    if w.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fp8fx.backend: {fqn} requires grad and grad mode is on. Compiling an unquantized "
+            f"model with fp8fx quantizes its weights as frozen inference constants; call "
+            f"model.requires_grad_(False) or compile under torch.no_grad()/inference_mode(), "
+            f"or quantize first with fp8fx.quantize_(model)"
+        )
+
+
 def freeze_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BlockFP8Config) -> QuantizeReport:
-    """Quantize the high-precision weights of the Dynamo graph's linears, in the graph.
+    """Quantize the high-precision weights of the Dynamo graph's linears and expert GEMMs, in the graph.
 
     Each eligible ``linear(x, W, b)`` whose weight W is a module parameter becomes
     ``fp8fx.linear(x, qdata, scale, b, None, block)`` on fp8 constants held by ``gm``; the
     placeholder W stays (Dynamo still passes it) but nothing reads it, so the compiled
-    artifact holds no high-precision copy. Eligibility is ``fp8fx.quantize_``'s. A graph with
-    any BlockFP8Tensor weight comes from a model quantized with ``quantize_``: it is left as
-    it is (its high-precision weights were kept on purpose).
+    artifact holds no high-precision copy. 3-D expert weights and their GEMMs go the same way
+    through ``fp8fx.passes.moe`` (into ``fp8fx.grouped_linear``). Eligibility is
+    ``fp8fx.quantize_``'s. A graph with any BlockFP8Tensor weight comes from a model quantized
+    with ``quantize_``: it is left as it is (its high-precision weights were kept on purpose).
     """
+    from fp8fx.passes import moe
+
     report = QuantizeReport()
     found = list(linear_weights(gm, example_inputs))
-    if config.activation_scheme == "static" and not any(isinstance(w, BlockFP8Tensor) for _, w, _, _ in found):
+    experts = moe.find_expert_weights(gm, example_inputs)
+    weights = [(fqn, w) for fqn, w, _, _ in found] + [(e.fqn, e.value) for e in experts]
+    if config.activation_scheme == "static" and not any(isinstance(w, BlockFP8Tensor) for _, w in weights):
         raise ValueError(
             "fp8fx.backend: activation_scheme='static' needs calibrated activation scales, which a "
             "compile-time quantization cannot compute; load a checkpoint that carries them"
         )
-    if any(isinstance(w, BlockFP8Tensor) for _, w, _, _ in found):
+    if any(isinstance(w, BlockFP8Tensor) for _, w in weights):
         # A model that went through fp8fx.quantize_: its choices (exclusions, filter_fn) stand.
-        for fqn, w, _, _ in found:
+        for fqn, w in weights:
             if not isinstance(w, BlockFP8Tensor) and isinstance(w, torch.Tensor):
                 report.skipped.append(LayerRecord(fqn, tuple(w.shape), "kept in high precision by fp8fx.quantize_"))
         return report
     for fqn, w, wnode, linears in found:
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             continue
-        mname, pname = fqn.rpartition(".")[::2]
         other_users = [u for u in wnode.users if u not in linears]
-        aliases = {id(w): [fqn, "another use"]} if other_users else {}
-        reason = _skip_reason(nn.Module(), mname, _NO_MODULE, pname, w, config, None, aliases)
-        if reason is None and w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            reason = f"dtype {w.dtype} cannot be quantized"
-        if reason is None and type(w) not in (torch.Tensor, nn.Parameter):
-            reason = f"a {type(w).__name__} weight is left to its own implementation"
+        shared = "used by more than a linear (tied or shared weight)" if other_users else None
+        reason = freeze_skip_reason(fqn, w, config, shared)
         if reason is not None:
-            if reason.startswith("tied to"):
-                reason = "used by more than a linear (tied or shared weight)"
             report.skipped.append(LayerRecord(fqn, tuple(w.shape), reason))
             continue
-        if w.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"fp8fx.backend: {fqn} requires grad and grad mode is on. Compiling an unquantized "
-                f"model with fp8fx quantizes its weights as frozen inference constants; call "
-                f"model.requires_grad_(False) or compile under torch.no_grad()/inference_mode(), "
-                f"or quantize first with fp8fx.quantize_(model)"
-            )
+        require_no_grad(fqn, w)
         q, s = quantize_weight_chunked(w.detach(), config.block_size, config.scale_fmt, fqn)
         attr = "_fp8fx_" + re.sub(r"\W", "_", fqn)
         for suffix, t in (("_qdata", q), ("_scale", s)):
@@ -247,9 +273,10 @@ def freeze_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], conf
         report.converted.append(LayerRecord(fqn, tuple(w.shape)))
         report.bytes_before += w.numel() * w.element_size()
         report.bytes_after += q.numel() * q.element_size() + s.numel() * s.element_size()
+    moe.rewrite(gm, experts, config, report)
     if report.converted:
         gm.graph.lint()
         gm.recompile()
     elif not report.skipped:
-        report.notes.append("no high-precision linear weights in this graph")
+        report.notes.append("no high-precision linear or expert weights in this graph")
     return report

@@ -1,8 +1,9 @@
 """fp8fx.explain(model, *example_inputs): what fp8fx.backend does to a model's GEMMs, without codegen.
 
     print(fp8fx.explain(model, input_ids))
-    # fp8fx.explain: 1 graph, 7 GEMM weights rewritten to block-FP8, 1 skipped
+    # fp8fx.explain: 1 graph, 8 GEMM weights rewritten to block-FP8, 1 skipped
     #   rewritten model.layers.0.self_attn.q_proj.weight [256, 256] (quantized at compile time)
+    #   rewritten model.layers.0.mlp.experts.gate_up_proj [8, 256, 256] (quantized at compile time)
     #   skipped   lm_head.weight [512, 256]: output embedding (kept in high precision, ...)
     #   post-grad rewrites: act_quant_decomposed x4, act_quant_shared x3, linear x7
 
@@ -51,8 +52,11 @@ class Explanation:
         ]
         lines += [f"  rewritten {r.name} {list(r.shape)} ({r.reason})" for r in self.rewritten]
         lines += [f"  skipped   {r.name} {list(r.shape)}: {r.reason}" for r in self.skipped]
-        if self.patterns:
-            lines.append("  post-grad rewrites: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.patterns.items())))
+        # MoE expert GEMMs are rewritten on the Dynamo graph (fp8fx.passes.moe), the rest post-grad.
+        for label, moe in (("compile-time expert rewrites", True), ("post-grad rewrites", False)):
+            found = sorted((k, v) for k, v in self.patterns.items() if k.startswith("moe_") == moe and v)
+            if found:
+                lines.append(f"  {label}: " + ", ".join(f"{k} x{v}" for k, v in found))
         return "\n".join(lines)
 
 
@@ -137,7 +141,10 @@ def post_grad_backend(backend: Optional[Backend] = None, graphs: Optional[list] 
     backend = backend or backend_with()
 
     def compile_fn(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        from fp8fx.passes import moe
+
         rows = [(fqn, w) for fqn, w, _, _ in linear_weights(gm, example_inputs)]
+        rows += [(e.fqn, e.value) for e in moe.find_expert_weights(gm, example_inputs)]
         report = freeze_weights(gm, example_inputs, backend.config) if backend.freeze else None
         start = len(_CAPTURED)
         # No cache hits: a cached graph would skip the passes this backend is here to observe.
@@ -183,4 +190,28 @@ def explain(model: torch.nn.Module, *example_inputs, config: Optional[BlockFP8Co
                 result.skipped.append(skipped[fqn])
             else:
                 result.skipped.append(LayerRecord(fqn, tuple(getattr(w, "shape", ())), "high precision (freeze off)"))
+    result.skipped += _experts_outside_graphs(model, {fqn for rows, _ in reports for fqn, _ in rows})
     return result
+
+
+def _experts_outside_graphs(model: torch.nn.Module, seen: set[str]) -> list[LayerRecord]:
+    """3-D expert weights of transformers experts modules that no traced graph read: their GEMMs
+    ran outside torch.compile (transformers' "eager" experts loop over ``nonzero()`` does not trace)."""
+    from fp8fx.api import EXPERT_PARAMS
+
+    records = []
+    for mname, module in model.named_modules():
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        for pname in EXPERT_PARAMS:
+            w = getattr(module, pname, None)
+            fqn = f"{mname}.{pname}" if mname else pname
+            if not isinstance(w, torch.Tensor) or w.dim() != 3 or isinstance(w, BlockFP8Tensor) or fqn in seen:
+                continue
+            reason = "in no compiled graph: its GEMMs ran outside torch.compile, in high precision"
+            if impl == "eager":
+                reason += (
+                    " (experts_implementation='eager' loops over nonzero() and does not trace; use "
+                    "model.set_experts_implementation('grouped_mm') or 'batched_mm')"
+                )
+            records.append(LayerRecord(fqn, tuple(w.shape), reason))
+    return records

@@ -2,6 +2,8 @@
 
     linear.py    fp8fx.linear -> aten act-quant (fused by Inductor) + fp8fx.block_gemm
     lowering.py  Inductor lowering of fp8fx.block_gemm (extern kernel choice)
+    moe.py       (Dynamo graph, from the backend's weight freeze) MoE expert GEMMs on bf16
+                 3-D expert weights -> fp8fx.grouped_linear on frozen fp8 constants
 
 ``PostGradPass`` is what ``fp8fx.backend`` installs as Inductor's
 ``post_grad_custom_post_pass``; its ``uuid()`` hashes these sources and the config, so the
