@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from fp8fx.api import LayerRecord
-from fp8fx.backend import Backend, backend_with, freeze_weights, linear_weights
+from fp8fx.backend import Backend, _select_args, backend_with, linear_weights
 from fp8fx.config import BlockFP8Config
 from fp8fx.tensor import BlockFP8Tensor
 
@@ -145,7 +145,7 @@ def post_grad_backend(backend: Optional[Backend] = None, graphs: Optional[list] 
 
         rows = [(fqn, w) for fqn, w, _, _ in linear_weights(gm, example_inputs)]
         rows += [(e.fqn, e.value) for e in moe.find_expert_weights(gm, example_inputs)]
-        report = freeze_weights(gm, example_inputs, backend.config) if backend.freeze else None
+        report, gm, example_inputs, keep = backend.prepare(gm, example_inputs)
         start = len(_CAPTURED)
         # No cache hits: a cached graph would skip the passes this backend is here to observe.
         patches = {**backend.inductor_config(), "fx_graph_cache": False}
@@ -159,7 +159,7 @@ def post_grad_backend(backend: Optional[Backend] = None, graphs: Optional[list] 
                 graphs.extend(_CAPTURED[start:])
         finally:
             del _CAPTURED[start:]
-        return out
+        return out if keep is None else _select_args(out, keep)
 
     return compile_fn
 

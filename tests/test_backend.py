@@ -200,22 +200,22 @@ return (v8,)""")
         # One quantization of the normalized input, shared by the three GEMMs.
         g = post_grad(_build(NormQKV), torch.randn(5, 256, dtype=BF16))
         self.assertExpectedInline(g, """\
-in0: bf16[256]
-in1: s0
-in2: bf16[s0, 256]
-in3: f8e4m3[256, 256]
-in4: f32[2, 2]
-in5: f8e4m3[128, 256]
-in6: f32[1, 2]
-in7: f8e4m3[128, 256]
-in8: f32[1, 2]
-v9: f32[s0, 256] = prims.convert_element_type(in2, f32)
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: f8e4m3[128, 256]
+in3: f32[1, 2]
+in4: f8e4m3[128, 256]
+in5: f32[1, 2]
+in6: bf16[256]
+in7: s0
+in8: bf16[s0, 256]
+v9: f32[s0, 256] = prims.convert_element_type(in8, f32)
 v10: f32[s0, 256] = aten.pow(v9, 2)
 v11: f32[s0, 1] = aten.mean(v10, [1], True)
 v12: f32[s0, 1] = aten.add(v11, 9.999999974752427e-07)
 v13: f32[s0, 1] = aten.rsqrt(v12)
 v14: f32[s0, 256] = aten.mul(v9, v13)
-v15: f32[s0, 256] = aten.mul(v14, in0)
+v15: f32[s0, 256] = aten.mul(v14, in6)
 v16: bf16[s0, 256] = prims.convert_element_type(v15, bf16)
 v17: f32[s0, 256] = prims.convert_element_type(v16, f32)
 v18: f32[s0, 2, 128] = aten.view(v17, [s0, 2, 128])
@@ -231,9 +231,9 @@ v27: f32[s0, 2, 128] = aten.clamp_min(v26, -448.0)
 v28: f32[s0, 2, 128] = aten.clamp_max(v27, 448.0)
 v29: f8e4m3[s0, 2, 128] = prims.convert_element_type(v28, f8e4m3)
 v30: f8e4m3[s0, 256] = aten.view(v29, [s0, 256])
-v31: bf16[s0, 256] = fp8fx.block_gemm(v30, v24, in3, in4, None, [128, 128], bf16)
-v32: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in5, in6, None, [128, 128], bf16)
-v33: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in7, in8, None, [128, 128], bf16)
+v31: bf16[s0, 256] = fp8fx.block_gemm(v30, v24, in0, in1, None, [128, 128], bf16)
+v32: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in2, in3, None, [128, 128], bf16)
+v33: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in4, in5, None, [128, 128], bf16)
 return (v31, v32, v33)""")
 
     def test_swiglu_mlp(self):
@@ -241,14 +241,14 @@ return (v31, v32, v33)""")
         self.assertExpectedInline(g, """\
 in0: f8e4m3[512, 256]
 in1: f32[4, 2]
-in2: s0
-in3: s1
-in4: bf16[s0, s1, 256]
-in5: f8e4m3[512, 256]
-in6: f32[4, 2]
-in7: f8e4m3[256, 512]
-in8: f32[2, 4]
-v9: f32[s0, s1, 256] = prims.convert_element_type(in4, f32)
+in2: f8e4m3[512, 256]
+in3: f32[4, 2]
+in4: f8e4m3[256, 512]
+in5: f32[2, 4]
+in6: s0
+in7: s1
+in8: bf16[s0, s1, 256]
+v9: f32[s0, s1, 256] = prims.convert_element_type(in8, f32)
 v10: f32[s0, s1, 2, 128] = aten.view(v9, [s0, s1, 2, 128])
 v11: f32[s0, s1, 2, 128] = aten.abs(v10)
 v12: f32[s0, s1, 2] = aten.amax(v11, [-1])
@@ -269,7 +269,7 @@ v26: f32[s0, s1, 512] = aten.exp(v25)
 v27: f32[s0, s1, 512] = aten.add(v26, 1)
 v28: f32[s0, s1, 512] = aten.div(v24, v27)
 v29: bf16[s0, s1, 512] = prims.convert_element_type(v28, bf16)
-v30: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in5, in6, None, [128, 128], bf16)
+v30: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in2, in3, None, [128, 128], bf16)
 v31: bf16[s0, s1, 512] = aten.mul(v29, v30)
 v32: f32[s0, s1, 512] = prims.convert_element_type(v31, f32)
 v33: f32[s0, s1, 4, 128] = aten.view(v32, [s0, s1, 4, 128])
@@ -285,7 +285,7 @@ v42: f32[s0, s1, 4, 128] = aten.clamp_min(v41, -448.0)
 v43: f32[s0, s1, 4, 128] = aten.clamp_max(v42, 448.0)
 v44: f8e4m3[s0, s1, 4, 128] = prims.convert_element_type(v43, f8e4m3)
 v45: f8e4m3[s0, s1, 512] = aten.view(v44, [s0, s1, 512])
-v46: bf16[s0, s1, 256] = fp8fx.block_gemm(v45, v39, in7, in8, None, [128, 128], bf16)
+v46: bf16[s0, s1, 256] = fp8fx.block_gemm(v45, v39, in4, in5, None, [128, 128], bf16)
 return (v46,)""")
 
     def test_ue8m0_scales(self):
@@ -345,37 +345,37 @@ return (v10,)""")
         layer, h, kwargs = _llama_layer()
         g = post_grad(layer, h, **kwargs)
         self.assertExpectedInline(g, """\
-in0: s0
-in1: bf16[1, s0, 256]
-in2: f64[]
-in3: bf16[256]
-in4: f8e4m3[256, 256]
-in5: f32[2, 2]
-in6: f8e4m3[128, 256]
-in7: f32[1, 2]
-in8: f8e4m3[128, 256]
-in9: f32[1, 2]
-in10: bf16[1, s0, 64]
-in11: bf16[1, s0, 64]
-in12: f8e4m3[256, 256]
-in13: f32[2, 2]
-in14: f64[]
-in15: bf16[256]
-in16: f8e4m3[512, 256]
-in17: f32[4, 2]
-in18: f8e4m3[512, 256]
-in19: f32[4, 2]
-in20: f8e4m3[256, 512]
-in21: f32[2, 4]
-v22: f32[1, s0, 256] = prims.convert_element_type(in1, f32)
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: f8e4m3[128, 256]
+in3: f32[1, 2]
+in4: f8e4m3[128, 256]
+in5: f32[1, 2]
+in6: f8e4m3[256, 256]
+in7: f32[2, 2]
+in8: f8e4m3[512, 256]
+in9: f32[4, 2]
+in10: f8e4m3[512, 256]
+in11: f32[4, 2]
+in12: f8e4m3[256, 512]
+in13: f32[2, 4]
+in14: s0
+in15: bf16[1, s0, 256]
+in16: f64[]
+in17: bf16[256]
+in18: bf16[1, s0, 64]
+in19: bf16[1, s0, 64]
+in20: f64[]
+in21: bf16[256]
+v22: f32[1, s0, 256] = prims.convert_element_type(in15, f32)
 v23: f32[1, s0, 256] = aten.pow(v22, 2)
 v24: f32[1, s0, 1] = aten.mean(v23, [-1], True)
-v25: f32[] = prims.convert_element_type(in2, f32)
+v25: f32[] = prims.convert_element_type(in16, f32)
 v26: f32[1, s0, 1] = aten.add(v24, v25)
 v27: f32[1, s0, 1] = aten.rsqrt(v26)
 v28: f32[1, s0, 256] = aten.mul(v22, v27)
 v29: bf16[1, s0, 256] = prims.convert_element_type(v28, bf16)
-v30: bf16[1, s0, 256] = aten.mul(in3, v29)
+v30: bf16[1, s0, 256] = aten.mul(in17, v29)
 v31: f32[1, s0, 256] = prims.convert_element_type(v30, f32)
 v32: f32[1, s0, 2, 128] = aten.view(v31, [1, s0, 2, 128])
 v33: f32[1, s0, 2, 128] = aten.abs(v32)
@@ -390,20 +390,20 @@ v41: f32[1, s0, 2, 128] = aten.clamp_min(v40, -448.0)
 v42: f32[1, s0, 2, 128] = aten.clamp_max(v41, 448.0)
 v43: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v42, f8e4m3)
 v44: f8e4m3[1, s0, 256] = aten.view(v43, [1, s0, 256])
-v45: bf16[1, s0, 256] = fp8fx.block_gemm(v44, v38, in4, in5, None, [128, 128], bf16)
-v46: bf16[1, s0, 4, 64] = aten.view(v45, [1, in0, -1, 64])
+v45: bf16[1, s0, 256] = fp8fx.block_gemm(v44, v38, in0, in1, None, [128, 128], bf16)
+v46: bf16[1, s0, 4, 64] = aten.view(v45, [1, in14, -1, 64])
 v47: bf16[1, 4, s0, 64] = aten.permute(v46, [0, 2, 1, 3])
-v48: bf16[1, 1, s0, 64] = aten.unsqueeze(in10, 1)
+v48: bf16[1, 1, s0, 64] = aten.unsqueeze(in18, 1)
 v49: bf16[1, 4, s0, 64] = aten.mul(v47, v48)
 v50: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 32, 9223372036854775807)
 v51: bf16[1, 4, s0, 32] = aten.neg(v50)
 v52: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 0, 32)
 v53: bf16[1, 4, s0, 64] = aten.cat([v51, v52], -1)
-v54: bf16[1, 1, s0, 64] = aten.unsqueeze(in11, 1)
+v54: bf16[1, 1, s0, 64] = aten.unsqueeze(in19, 1)
 v55: bf16[1, 4, s0, 64] = aten.mul(v53, v54)
 v56: bf16[1, 4, s0, 64] = aten.add(v49, v55)
-v57: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in6, in7, None, [128, 128], bf16)
-v58: bf16[1, s0, 2, 64] = aten.view(v57, [1, in0, -1, 64])
+v57: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in2, in3, None, [128, 128], bf16)
+v58: bf16[1, s0, 2, 64] = aten.view(v57, [1, in14, -1, 64])
 v59: bf16[1, 2, s0, 64] = aten.permute(v58, [0, 2, 1, 3])
 v60: bf16[1, 2, s0, 64] = aten.mul(v59, v48)
 v61: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 32, 9223372036854775807)
@@ -412,13 +412,13 @@ v63: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 0, 32)
 v64: bf16[1, 2, s0, 64] = aten.cat([v62, v63], -1)
 v65: bf16[1, 2, s0, 64] = aten.mul(v64, v54)
 v66: bf16[1, 2, s0, 64] = aten.add(v60, v65)
-v67: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in8, in9, None, [128, 128], bf16)
-v68: bf16[1, s0, 2, 64] = aten.view(v67, [1, in0, -1, 64])
+v67: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in4, in5, None, [128, 128], bf16)
+v68: bf16[1, s0, 2, 64] = aten.view(v67, [1, in14, -1, 64])
 v69: bf16[1, 2, s0, 64] = aten.permute(v68, [0, 2, 1, 3])
 v70: (bf16[1, 4, s0, 64], f32[1, 4, s0]) = aten._scaled_dot_product_flash_attention_for_cpu(v56, v66, v69, 0.0, True, scale=0.125)
 v71: bf16[1, 4, s0, 64] = getitem(v70, 0)
 v72: bf16[1, s0, 4, 64] = aten.permute(v71, [0, 2, 1, 3])
-v73: bf16[1, s0, 256] = aten.view(v72, [1, in0, -1])
+v73: bf16[1, s0, 256] = aten.view(v72, [1, in14, -1])
 v74: f32[1, s0, 256] = prims.convert_element_type(v73, f32)
 v75: f32[1, s0, 2, 128] = aten.view(v74, [1, s0, 2, 128])
 v76: f32[1, s0, 2, 128] = aten.abs(v75)
@@ -433,17 +433,17 @@ v84: f32[1, s0, 2, 128] = aten.clamp_min(v83, -448.0)
 v85: f32[1, s0, 2, 128] = aten.clamp_max(v84, 448.0)
 v86: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v85, f8e4m3)
 v87: f8e4m3[1, s0, 256] = aten.view(v86, [1, s0, 256])
-v88: bf16[1, s0, 256] = fp8fx.block_gemm(v87, v81, in12, in13, None, [128, 128], bf16)
-v89: bf16[1, s0, 256] = aten.add(in1, v88)
+v88: bf16[1, s0, 256] = fp8fx.block_gemm(v87, v81, in6, in7, None, [128, 128], bf16)
+v89: bf16[1, s0, 256] = aten.add(in15, v88)
 v90: f32[1, s0, 256] = prims.convert_element_type(v89, f32)
 v91: f32[1, s0, 256] = aten.pow(v90, 2)
 v92: f32[1, s0, 1] = aten.mean(v91, [-1], True)
-v93: f32[] = prims.convert_element_type(in14, f32)
+v93: f32[] = prims.convert_element_type(in20, f32)
 v94: f32[1, s0, 1] = aten.add(v92, v93)
 v95: f32[1, s0, 1] = aten.rsqrt(v94)
 v96: f32[1, s0, 256] = aten.mul(v90, v95)
 v97: bf16[1, s0, 256] = prims.convert_element_type(v96, bf16)
-v98: bf16[1, s0, 256] = aten.mul(in15, v97)
+v98: bf16[1, s0, 256] = aten.mul(in21, v97)
 v99: f32[1, s0, 256] = prims.convert_element_type(v98, f32)
 v100: f32[1, s0, 2, 128] = aten.view(v99, [1, s0, 2, 128])
 v101: f32[1, s0, 2, 128] = aten.abs(v100)
@@ -458,14 +458,14 @@ v109: f32[1, s0, 2, 128] = aten.clamp_min(v108, -448.0)
 v110: f32[1, s0, 2, 128] = aten.clamp_max(v109, 448.0)
 v111: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v110, f8e4m3)
 v112: f8e4m3[1, s0, 256] = aten.view(v111, [1, s0, 256])
-v113: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in16, in17, None, [128, 128], bf16)
+v113: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in8, in9, None, [128, 128], bf16)
 v114: f32[1, s0, 512] = prims.convert_element_type(v113, f32)
 v115: f32[1, s0, 512] = aten.neg(v114)
 v116: f32[1, s0, 512] = aten.exp(v115)
 v117: f32[1, s0, 512] = aten.add(v116, 1)
 v118: f32[1, s0, 512] = aten.div(v114, v117)
 v119: bf16[1, s0, 512] = prims.convert_element_type(v118, bf16)
-v120: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in18, in19, None, [128, 128], bf16)
+v120: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in10, in11, None, [128, 128], bf16)
 v121: bf16[1, s0, 512] = aten.mul(v119, v120)
 v122: f32[1, s0, 512] = prims.convert_element_type(v121, f32)
 v123: f32[1, s0, 4, 128] = aten.view(v122, [1, s0, 4, 128])
@@ -481,7 +481,7 @@ v132: f32[1, s0, 4, 128] = aten.clamp_min(v131, -448.0)
 v133: f32[1, s0, 4, 128] = aten.clamp_max(v132, 448.0)
 v134: f8e4m3[1, s0, 4, 128] = prims.convert_element_type(v133, f8e4m3)
 v135: f8e4m3[1, s0, 512] = aten.view(v134, [1, s0, 512])
-v136: bf16[1, s0, 256] = fp8fx.block_gemm(v135, v129, in20, in21, None, [128, 128], bf16)
+v136: bf16[1, s0, 256] = fp8fx.block_gemm(v135, v129, in12, in13, None, [128, 128], bf16)
 v137: bf16[1, s0, 256] = aten.add(v89, v136)
 return (v137,)""")
 
@@ -491,12 +491,12 @@ return (v137,)""")
         self.assertExpectedInline(g, """\
 in0: f8e4m3[512, 256]
 in1: f32[4, 2]
-in2: s0
-in3: bf16[s0, 256]
-in4: f8e4m3[512, 256]
-in5: f32[4, 2]
+in2: f8e4m3[512, 256]
+in3: f32[4, 2]
+in4: s0
+in5: bf16[s0, 256]
 in6: bf16[256, 512]
-v7: f32[s0, 256] = prims.convert_element_type(in3, f32)
+v7: f32[s0, 256] = prims.convert_element_type(in5, f32)
 v8: f32[s0, 2, 128] = aten.view(v7, [s0, 2, 128])
 v9: f32[s0, 2, 128] = aten.abs(v8)
 v10: f32[s0, 2] = aten.amax(v9, [-1])
@@ -517,7 +517,7 @@ v24: f32[s0, 512] = aten.exp(v23)
 v25: f32[s0, 512] = aten.add(v24, 1)
 v26: f32[s0, 512] = aten.div(v22, v25)
 v27: bf16[s0, 512] = prims.convert_element_type(v26, bf16)
-v28: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in4, in5, None, [128, 128], bf16)
+v28: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in2, in3, None, [128, 128], bf16)
 v29: bf16[s0, 512] = aten.mul(v27, v28)
 v30: bf16[512, 256] = aten.permute(in6, [1, 0])
 v31: bf16[s0, 256] = aten.mm(v29, v30)
