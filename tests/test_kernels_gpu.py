@@ -87,7 +87,7 @@ def test_act_quant_static_bit_exact():
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-@pytest.mark.parametrize("backend", ["triton", "triton_fused", "cublas", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "triton_fused", "gemv", "cublas", "auto"])
 def test_linear_backends(m, n, k, scale_fmt, backend):
     from fp8fx.kernels import dispatch, linear_cuda
 
@@ -95,16 +95,20 @@ def test_linear_backends(m, n, k, scale_fmt, backend):
     bias = torch.randn(n, device="cuda").bfloat16() if m % 2 else None
     x = _x(m, k, seed=m, outliers=(n % 3 == 0))
     ref = _exact_linear(x, wq, ws, None if bias is None else bias.float(), scale_fmt)
-    pref = "triton" if backend == "triton_fused" else backend
+    pref = "triton" if backend in ("triton_fused", "gemv") else backend
     saved = dict(dispatch.AUTO_LINEAR)
     try:
-        if backend in ("triton", "triton_fused"):
+        if backend in ("triton", "triton_fused", "gemv"):
             dispatch.AUTO_LINEAR.update({c: backend for c in saved})
+        dispatch._choose.cache_clear()  # memoized choices read the table just changed
         with dispatch.preference(pref):
+            if backend != "auto":
+                assert dispatch.choose(m, n, k, x.dtype, x.device, fused_quant=True) in (backend, "triton")
             _poison()
             y = linear_cuda(x, wq, ws, bias, None, [128, 128])
     finally:
         dispatch.AUTO_LINEAR.update(saved)
+        dispatch._choose.cache_clear()
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert torch.isfinite(y).all()
     assert _rel(y, ref) <= 2e-3
@@ -196,3 +200,200 @@ def test_linear_under_inference_mode(pref):
         for _ in range(2):  # the second call hits the prepared-scale cache
             y = torch.ops.fp8fx.linear(x, wq, ws, None, None, [128, 128])
         assert _rel(y, _exact_linear(x, wq, ws, None, "float32")) <= 2e-3
+
+
+# --- gemv (small M) ---------------------------------------------------------------------------
+# Configs: the tensor-core paths (wgmma at block_n >= 64, mma.sync at 32), the fp32-FMA path
+# (M = 1), each with and without a ticketed split-K; every gemv.CONFIGS entry in test_gemv_configs.
+
+
+def _gemv_cfgs():
+    from fp8fx.kernels.gemv import GemvConfig
+
+    return [GemvConfig(64, 4, 4, split_k=1), GemvConfig(32, 4, 4, split_k=3), GemvConfig(128, 4, 4, split_k=5),
+            GemvConfig(32, 4, 4, split_k=3, use_dot=False),
+            GemvConfig(128, 4, 3, split_k=4, pdl=True, prefetch=4), GemvConfig(128, 8, 3, split_k=2, use_dot=False, pdl=True),
+            GemvConfig(128, 4, 3, split_k=3, kb_iter=2), GemvConfig(128, 8, 3, split_k=3, use_dot=False, kb_iter=2)]
+
+
+def _identity(k):
+    # w = I with UE8M0 scales (codes 256, scale 2**-8): each output is exactly one activation
+    # code times its scale, so the output equals the CPU reference's dequantized activations
+    # iff the fused quantization produced the reference's codes and scales.
+    return reference.quantize_weight(torch.eye(k, device="cuda"), (128, 128), "ue8m0")
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_gemv_quant_bit_exact(m, scale_fmt):
+    from fp8fx.kernels.gemv import gemv
+
+    k = 4496  # 35 full K blocks + 16
+    wq, ws = _identity(k)
+    x = _x(m, k, seed=m + k, outliers=True)
+    x[-1] = 0.0
+    q_ref, s_ref = reference.quantize_act(x.cpu(), 128, scale_fmt)
+    expected = reference.dequantize_act(q_ref, s_ref)
+    for cfg in _gemv_cfgs():
+        _poison()
+        y = gemv(x, None, wq, ws, None, torch.float32, config=cfg, act_ue8m0=scale_fmt == "ue8m0")
+        assert torch.equal(y.cpu(), expected), cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_gemv_quant_bit_exact_dtypes(dtype, scale_fmt):
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    wq, ws = _identity(4496)
+    x = _x(3, 4496, dtype, seed=1, outliers=True)
+    q_ref, s_ref = reference.quantize_act(x.cpu(), 128, scale_fmt)
+    y = gemv(x, None, wq, ws, None, torch.float32, config=GemvConfig(128, 4, 4, split_k=5), act_ue8m0=scale_fmt == "ue8m0")
+    assert torch.equal(y.cpu(), reference.dequantize_act(q_ref, s_ref))
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_static_quant_bit_exact(m):
+    from fp8fx.kernels.gemv import gemv
+
+    wq, ws = _identity(4496)
+    x = _x(m, 4496, seed=3, outliers=True)
+    a = torch.tensor(0.01, device="cuda")
+    expected = reference.dequantize_act(reference.quantize_act_static(x.cpu(), a.cpu()), a.cpu())
+    for cfg in _gemv_cfgs():
+        assert torch.equal(gemv(x, a, wq, ws, None, torch.float32, config=cfg).cpu(), expected), cfg
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (16, 6144, 4096), (7, 4096, 4480)])
+def test_gemv_configs(m, n, k):
+    """Every sweep config, with split-K 1 and the automatic split, GEMM alone and linear."""
+    from dataclasses import replace
+
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.gemv import CONFIGS, LAUNCH_VARIANTS, gemv
+
+    wq, ws = _weight(n, k, "float32", seed=n)
+    x = _x(m, k, seed=m, outliers=True)
+    ref = _exact_linear(x, wq, ws, None, "float32")
+    xq, xs = act_quant(x, col_major=True)
+    for cfg in CONFIGS:
+        for c in [replace(cfg, split_k=1), cfg] + [replace(cfg, pdl=p, prefetch=f) for p, f in LAUNCH_VARIANTS]:
+            _poison()
+            assert _rel(gemv(x, None, wq, ws, None, torch.bfloat16, config=c), ref) <= 2e-3, c
+            assert _rel(gemv(xq, xs, wq, ws, None, torch.bfloat16, config=c), ref) <= 2e-3, c
+
+
+GEMV_SHAPES = [(1, 576, 7168), (3, 2112, 7168), (16, 6144, 4096), (7, 4096, 4480), (2, 200, 400), (1, 28672, 4096)]
+
+
+@pytest.mark.parametrize("m,n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_gemv_linear(m, n, k, scale_fmt):
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    wq, ws = _weight(n, k, scale_fmt, seed=n)
+    bias = torch.randn(n, device="cuda").bfloat16() if m % 2 else None
+    x = _x(m, k, seed=m, outliers=True)
+    # fp16 out: x scaled by 2**-10 (same codes, scales / 1024) keeps the outliers' outputs finite.
+    inputs = {dt: x * 2**-10 if dt == torch.float16 else x for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    refs = {dt: _exact_linear(xi, wq, ws, None if bias is None else bias.float(), scale_fmt) for dt, xi in inputs.items()}
+    for cfg in (None, GemvConfig(128, 4, 4, split_k=3)):  # None: the dispatch table's config
+        for out_dtype, xi in inputs.items():
+            _poison()
+            y = gemv(xi, None, wq, ws, bias, out_dtype, config=cfg, act_ue8m0=scale_fmt == "ue8m0")
+            ref = refs[out_dtype]
+            assert y.shape == (m, n) and y.dtype == out_dtype and torch.isfinite(y).all(), cfg
+            # fp32 out: Hopper's fp8 MMA accumulates with reduced precision (see above).
+            assert _rel(y, ref) <= (5e-4 if out_dtype == torch.float32 else 2e-3), (cfg, out_dtype)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (5, 2112, 7168), (16, 4096, 4480)])
+def test_gemv_fp8_input_routes(m, n, k):
+    """The GEMM-alone route (fp8 codes, column-major scales as the compiled graph passes
+    them), the ops under preference "triton", and static activation scales."""
+    from fp8fx.kernels import block_gemm_cuda, dispatch, linear_cuda
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.gemv import gemv
+
+    wq, ws = _weight(n, k, "ue8m0", seed=2)
+    x = _x(m, k, seed=4, outliers=True)
+    xq, xs = act_quant(x, True, col_major=True)
+    ref = reference.dequantize_act(xq, xs).double() @ reference.dequantize_weight(wq, ws).double().t()
+    for cfg in _gemv_cfgs() + [None]:
+        assert _rel(gemv(xq, xs, wq, ws, None, torch.bfloat16, config=cfg), ref) <= 2e-3, cfg
+    with dispatch.preference("triton"):
+        assert dispatch.choose(m, n, k, torch.bfloat16, x.device) == "gemv"
+        assert _rel(block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16), ref) <= 2e-3
+        a = torch.tensor(0.01, device="cuda")
+        ref_s = reference.linear(x.cpu(), wq.cpu(), ws.cpu(), None, a.cpu()).double()
+        assert _rel(linear_cuda(x, wq, ws, None, a, [128, 128]).float().cpu(), ref_s) <= 2e-3
+        xq_s = reference.quantize_act_static(x, a)
+        y = block_gemm_cuda(xq_s, a, wq, ws, None, [128, 128], torch.bfloat16)
+        assert _rel(y.float().cpu(), ref_s) <= 2e-3
+
+
+@pytest.mark.parametrize("first_use_in_graph", [False, True])
+def test_gemv_deterministic_and_cuda_graph(first_use_in_graph):
+    """Split-K sums in a fixed order: identical bits run to run; the persistent tickets are
+    left zeroed; in a CUDA graph (persistent tickets, or, when the first split gemv of the
+    device is being captured, tickets zeroed in the graph) replays match eager."""
+    from fp8fx.kernels import gemv as gemv_mod
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    wq, ws = _weight(4096, 14336, "float32")
+    x = _x(4, 14336, seed=9, outliers=True)
+    cfg = GemvConfig(64, 4, 4, split_k=8)
+    first = gemv(x, None, wq, ws, None, torch.float32, config=cfg)
+    for _ in range(5):
+        assert torch.equal(gemv(x, None, wq, ws, None, torch.float32, config=cfg), first)
+    assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
+    saved = dict(gemv_mod._TICKETS)
+    if first_use_in_graph:
+        gemv_mod._TICKETS.clear()
+    try:
+        static_x = x.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = gemv(static_x, None, wq, ws, None, torch.float32, config=cfg)
+        assert (x.device in gemv_mod._TICKETS) != first_use_in_graph
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, first)
+        x2 = _x(4, 14336, seed=10)
+        static_x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, gemv(x2, None, wq, ws, None, torch.float32, config=cfg))
+    finally:
+        gemv_mod._TICKETS.update(saved)
+    assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
+
+
+def test_gemv_pdl_chain():
+    """Each gemv reads the previous gemv's output at once. With PDL the next kernel launches
+    early and must wait (griddepcontrol.wait) before reading it: the chain must equal the
+    chain without PDL bit for bit, eagerly and replayed from a CUDA graph."""
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    weights = [_weight(4096, 4096, "float32", seed=i) for i in range(6)]
+    x0 = _x(4, 4096, seed=1)
+
+    def chain(pdl, x):
+        for i, (wq, ws) in enumerate(weights):
+            cfg = GemvConfig(128, 4, 3, split_k=4 if i % 2 else 1, pdl=pdl, prefetch=4 if pdl else 0)
+            x = gemv(x, None, wq, ws, None, torch.bfloat16, config=cfg)
+        return x
+
+    expected = chain(False, x0)
+    assert torch.isfinite(expected).all()
+    for _ in range(3):
+        assert torch.equal(chain(True, x0), expected)
+    static_x = x0.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(True, static_x)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)

@@ -41,10 +41,11 @@ def _bits(q):
 def test_really_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    from fp8fx.kernels import act_quant, block_gemm
+    from fp8fx.kernels import act_quant, block_gemm, gemv
 
     assert isinstance(act_quant._act_quant_kernel, InterpretedFunction)
     assert isinstance(block_gemm._block_gemm_kernel, InterpretedFunction)
+    assert isinstance(gemv._gemv_kernel, InterpretedFunction)
 
 
 @interpreted
@@ -181,6 +182,156 @@ def test_block_gemm_auto_split_k():
     assert _rel(y, _exact(xq, xs, wq, ws, bias.float())) < 1e-5
 
 
+# --- gemv (small M), interpreted -------------------------------------------------------------
+
+# Dot with one program per N tile; dot with split-K 3 (ticketed reduction); a 256-wide tile
+# (two weight scale rows per tile); the fp32-FMA path (M = 1; larger M takes the dot); two K
+# blocks per iteration (K = 272 -> 3 blocks: the second split's second block is masked off);
+# the FMA path with double-buffered weight loads.
+GEMV_CONFIGS = {
+    "dot_n64": dict(block_n=64, num_warps=4, num_stages=1, split_k=1),
+    "dot_n32_split3": dict(block_n=32, num_warps=4, num_stages=1, split_k=3),
+    "dot_n256_split2": dict(block_n=256, num_warps=4, num_stages=1, split_k=2),
+    "fma_n32_split2": dict(block_n=32, num_warps=4, num_stages=1, split_k=2, use_dot=False),
+    "dot_n64_split2_kbiter2": dict(block_n=64, num_warps=4, num_stages=1, split_k=2, kb_iter=2),
+    "fma_n64_split2_double_buffer": dict(block_n=64, num_warps=4, num_stages=1, split_k=2, use_dot=False, kb_iter=2),
+}
+
+
+def _gemv_x(m, k, dtype, seed):
+    """Heavy-tailed tokens with planted outliers; token 1 all zeros (AMAX_EPS scale)."""
+    from conftest import heavy_tailed
+
+    x = heavy_tailed(m, k, seed=seed)
+    if m > 1:
+        x[1] = 0.0
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    return x.to(dtype)
+
+
+def _identity_weight(k):
+    # w = I with UE8M0 scales: codes 256 on the diagonal, scale 2**-8, so every output is
+    # exactly one activation code times its scale: y == reference.dequantize_act(q, s), bit
+    # for bit, iff the kernel's codes and scales are the reference's.
+    return reference.quantize_weight(torch.eye(k), (128, 128), "ue8m0")
+
+
+@interpreted
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("cfg_name,dtype", [(c, torch.bfloat16) for c in GEMV_CONFIGS]
+                         + [("dot_n32_split3", torch.float16), ("dot_n32_split3", torch.float32)])
+def test_gemv_quant_bit_exact(m, scale_fmt, cfg_name, dtype):
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    k = 272  # 2 full K blocks + 16
+    wq, ws = _identity_weight(k)
+    x = _gemv_x(m, k, dtype, seed=m * 7 + len(cfg_name))
+    y = gemv(x, None, wq, ws, None, torch.float32, config=GemvConfig(**GEMV_CONFIGS[cfg_name]),
+             act_ue8m0=scale_fmt == "ue8m0")
+    q_ref, s_ref = reference.quantize_act(x, 128, scale_fmt)
+    # Value equality (a -0 code comes out of the sum as +0), every value exactly.
+    assert torch.equal(y, reference.dequantize_act(q_ref, s_ref))
+
+
+@interpreted
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_static_quant_bit_exact(m):
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    wq, ws = _identity_weight(272)
+    x = _gemv_x(m, 272, torch.bfloat16, seed=m) * 0.01
+    a = torch.tensor(0.037)
+    for cfg in (GemvConfig(64, 4, 1, split_k=1), GemvConfig(32, 4, 1, split_k=2, use_dot=False)):
+        y = gemv(x, a, wq, ws, None, torch.float32, config=cfg)
+        ref = reference.dequantize_act(reference.quantize_act_static(x, a), a)
+        assert torch.equal(y, ref), cfg
+
+
+def _elementwise_ok(y, xd, wd, bias, rtol):
+    # |y - exact| <= rtol * (|x| @ |w|.T): a flipped activation code moves one product by
+    # >= 1/16 of itself, far above this bound for these K.
+    exact = xd.double() @ wd.double().t() + (0 if bias is None else bias.double())
+    bound = rtol * (xd.double().abs() @ wd.double().abs().t()) + 1e-30
+    return bool(((y.double() - exact).abs() <= bound).all()), _rel(y, exact)
+
+
+@interpreted
+@pytest.mark.parametrize("m,n,k", [(1, 144, 272), (3, 200, 400), (16, 16, 128)])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("cfg_name", list(GEMV_CONFIGS))
+def test_gemv_linear(m, n, k, scale_fmt, cfg_name):
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    cfg = GemvConfig(**GEMV_CONFIGS[cfg_name])
+    wq, ws = _weight(n, k, scale_fmt, seed=n + k)
+    x = _gemv_x(m, k, torch.bfloat16, seed=m + n)
+    bias = torch.randn(n) if m % 2 else None
+    ue8m0 = scale_fmt == "ue8m0"
+    xq, xs = reference.quantize_act(x, 128, scale_fmt)
+    xd, wd = reference.dequantize_act(xq, xs), reference.dequantize_weight(wq, ws)
+    y = gemv(x, None, wq, ws, bias, torch.float32, config=cfg, act_ue8m0=ue8m0)
+    ok, rel = _elementwise_ok(y, xd, wd, bias, 1e-5)
+    assert ok and rel < 1e-5, rel
+    assert torch.isfinite(y).all()
+    if m != 3:
+        return
+    yb = gemv(x, None, wq, ws, bias.bfloat16() if bias is not None else None, torch.bfloat16, config=cfg, act_ue8m0=ue8m0)
+    # The interpreter casts fp32 -> bf16 toward zero (see test_block_gemm): 2**-7.
+    assert yb.dtype == torch.bfloat16 and yb.shape == (m, n)
+    assert _rel(yb, _exact(xq, xs, wq, ws, None if bias is None else bias.bfloat16().float())) < 2**-7
+
+
+@interpreted
+@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "fma_n32_split2"])
+def test_gemv_fp8_input(cfg_name):
+    """Pre-quantized activations (the block_gemm route): row- and column-major scales, static."""
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    cfg = GemvConfig(**GEMV_CONFIGS[cfg_name])
+    for m in (1, 3):
+        wq, ws = _weight(144, 400, "float32", seed=m)
+        x = _gemv_x(m, 400, torch.float32, seed=m)
+        xq, xs = reference.quantize_act(x)
+        for scales in (xs, xs.t().contiguous().t()):
+            y = gemv(xq, scales, wq, ws, None, torch.float32, config=cfg)
+            assert _rel(y, _exact(xq, xs, wq, ws, None)) < 1e-5
+        a = torch.tensor(0.02)
+        xq_s = reference.quantize_act_static(x * 0.01, a)
+        y = gemv(xq_s, a, wq, ws, None, torch.float32, config=cfg)
+        assert _rel(y, _exact(xq_s, a, wq, ws, None)) < 1e-5
+
+
+@interpreted
+def test_gemv_auto_config_and_edges():
+    from fp8fx.kernels import dispatch
+    from fp8fx.kernels.gemv import GemvConfig, gemv, pick_split
+
+    assert pick_split(1, 4096, 4096, GemvConfig(128, 4, 4), 132) == 8  # 32 tiles -> 256 programs
+    assert pick_split(1, 576, 7168, GemvConfig(128, 4, 4), 132) == 28  # 5 tiles, 2 K blocks each
+    assert pick_split(1, 4096, 4096, GemvConfig(128, 4, 4, split_k=3), 132) == 3
+    assert pick_split(1, 4096, 4096, GemvConfig(128, 4, 4, split_k=9), 132) == 8  # no empty split
+    assert pick_split(1, 4096, 256, GemvConfig(128, 4, 4, split_k=5), 132) == 2
+    wq, ws = _weight(64, 1024, "ue8m0", seed=5)
+    x = _gemv_x(2, 1024, torch.bfloat16, seed=5)
+    y = gemv(x, None, wq, ws, None, torch.float32, act_ue8m0=True)  # dispatch.gemv_config
+    xq, xs = reference.quantize_act(x, 128, "ue8m0")
+    assert isinstance(dispatch.gemv_config(2, 64, 1024, False), GemvConfig)
+    assert _rel(y, _exact(xq, xs, wq, ws, None)) < 1e-5
+    assert gemv(x[:0], None, wq, ws, None).shape == (0, 64)
+    # M > 16: several token tiles
+    x = _gemv_x(20, 1024, torch.bfloat16, seed=6)
+    xq, xs = reference.quantize_act(x)
+    wq, ws = _weight(64, 1024, "float32", seed=6)
+    y = gemv(x, None, wq, ws, None, torch.float32, config=GemvConfig(64, 4, 1, split_k=2))
+    assert _rel(y, _exact(xq, xs, wq, ws, None)) < 1e-5
+    # Split-K tickets: the last program of each tile zeroes its ticket for the next launch.
+    from fp8fx.kernels import gemv as gemv_mod
+
+    assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
+
+
 # --- no kernel launch: both processes -------------------------------------------------------
 
 
@@ -248,15 +399,28 @@ def test_dispatch():
 
     cpu = torch.device("cpu")
     for m in (1, 16, 64, 128, 300, 4096):
-        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu) in ("triton", "cublas")
-        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu, fused_quant=True) in ("triton", "triton_fused", "cublas")
+        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu) in ("gemv", "triton", "cublas")
+        assert dispatch.choose(m, 4096, 7168, torch.bfloat16, cpu, fused_quant=True) in ("gemv", "triton", "triton_fused", "cublas")
     assert dispatch.choose(4096, 4096, 7168, torch.float32, cpu, pref="cublas") == "triton"
     assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu, static_act=True, pref="cublas") == "triton"
     assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu, pref="deepgemm") == "cublas"  # not loadable on CPU
-    assert dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) == "triton" or \
-        dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) == "cublas"
+    # Static activation scales: the gemv or the plain Triton GEMM (cuBLAS blockwise cannot).
+    assert dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) in ("gemv", "triton")
     with dispatch.preference("triton"):
         assert dispatch.choose(4096, 4096, 7168, torch.bfloat16, cpu) == "triton"
+        # The Triton family's decode route is the small-M kernel, GEMM alone and linear alike.
+        assert dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu) == "gemv"
+        assert dispatch.choose(16, 4096, 7168, torch.float32, cpu, fused_quant=True, static_act=True) == "gemv"
+        assert dispatch.choose(64, 4096, 7168, torch.bfloat16, cpu, fused_quant=True) == "triton"
+    with dispatch.preference("cublas"):  # cuBLAS cannot take static scales: the Triton family
+        assert dispatch.choose(1, 4096, 7168, torch.bfloat16, cpu, static_act=True, fused_quant=True) == "gemv"
+    # The measured gemv configs: one (GEMM alone, linear) pair per small-M shape.
+    from fp8fx.kernels.gemv import GemvConfig
+
+    for (m, n, k), (gemm_cfg, linear_cfg) in dispatch.GEMV_MEASURED.items():
+        assert m <= 16 and isinstance(gemm_cfg, GemvConfig) and isinstance(linear_cfg, GemvConfig)
+        assert dispatch.gemv_config(m, n, k, True) == gemm_cfg and dispatch.gemv_config(m, n, k, False) == linear_cfg
+    assert dispatch.gemv_config(1, 5000, 3000, True).split_k == 0  # unmeasured (N, K): the split rule
     with pytest.raises(ValueError, match="preference"):
         dispatch.set_preference("fastest")
 
@@ -278,6 +442,20 @@ def test_bad_inputs():
         act_quant(torch.zeros(2, 16, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="CUDA"):
         linear(torch.randn(4, 48), wq, ws, None, None, [128, 128])
+    from fp8fx.kernels.gemv import gemv
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gemv(torch.randn(1, 40), None, wq[:, :40], ws, None)
+    with pytest.raises(TypeError, match="fp8 e4m3 weight"):
+        gemv(torch.randn(1, 48), None, wq.float(), ws, None)
+    with pytest.raises(ValueError, match="needs its scales"):
+        gemv(xq, None, wq, ws, None)
+    with pytest.raises(ValueError, match="activation scale"):
+        gemv(xq, xs[:, :0], wq, ws, None)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.randn(1, 48), None, wq, ws, torch.zeros(31))
+    with pytest.raises(RuntimeError, match="several devices"):
+        gemv(torch.randn(1, 48), None, wq.to("meta"), ws.to("meta"), None)
     if not INNER:
         with pytest.raises(RuntimeError, match="CUDA"):
             act_quant(torch.randn(4, 48))

@@ -4,7 +4,9 @@
     block_gemm.py  Triton block-FP8 GEMM (split-K for small M, in-loop activation quant)
     cublas.py      torch._scaled_mm blockwise extern and its scale layouts
     deepgemm.py    DeepGEMM extern (when it loads) and its scale layouts
+    gemv.py        Triton small-M (decode) GEMM streaming the weights, activation quant fused
     grouped_gemm.py  Triton grouped (MoE) block-FP8 GEMM, contiguous layout
+    grouped_masked.py  Triton grouped GEMM, masked layout (per-expert padded batches)
     dispatch.py    backend and config per shape class, from measurements
     bench.py       ``python -m fp8fx bench gemm``
 
@@ -93,7 +95,11 @@ def linear_cuda(x, qweight, wscale, bias, act_scale, block_size):
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
     static = act_scale is not None
     backend = dispatch.choose(m, n, k, x.dtype, x.device, fused_quant=True, static_act=static)
-    if static:
+    if backend == "gemv":  # small M: one launch, activation quant (dynamic or static) fused
+        from fp8fx.kernels.gemv import gemv
+
+        y = gemv(x2, act_scale, qweight, wscale, bias, x.dtype, act_ue8m0=ue8m0)
+    elif static:
         y = gemm(act_quant_static(x2, act_scale), act_scale, qweight, wscale, bias, x.dtype)
     elif backend == "triton_fused":
         y = gemm(x2, None, qweight, wscale, bias, x.dtype, act_ue8m0=ue8m0)
@@ -138,7 +144,11 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
     xs2 = xs if static else xs.reshape(m, -1)
     backend = dispatch.choose(m, n, k, out_dtype, xq.device, static_act=static)
-    if backend == "triton":
+    if backend == "gemv":  # small M: reads the fp8 codes and [M, nK] scales in any layout
+        from fp8fx.kernels.gemv import gemv
+
+        y = gemv(xq2, xs2, qweight, wscale, bias, out_dtype)
+    elif backend == "triton":
         y = gemm(xq2, xs2, qweight, wscale, bias, out_dtype)
     else:
         # The extern needs rows padded to 4 and column-major scales: a per-call copy here,
@@ -171,7 +181,9 @@ def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
 def register() -> None:
     """Install the CUDA implementations into fp8fx.ops._cuda_impl (idempotent)."""
     from fp8fx import ops
+    from fp8fx.kernels.grouped_masked import grouped_linear_masked_cuda
 
     ops._cuda_impl.update(
-        linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, grouped_linear=grouped_linear_cuda
+        linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, grouped_linear=grouped_linear_cuda,
+        grouped_linear_masked=grouped_linear_masked_cuda,
     )

@@ -1,7 +1,9 @@
 """Which block-FP8 GEMM backend runs a given shape, and which Triton config.
 
     preference "auto"     -> the measured table below, per shape class
-    preference "triton"   -> fp8fx's Triton kernels
+    preference "triton"   -> fp8fx's Triton kernels (AUTO_GEMM / AUTO_LINEAR pick the kernel
+                             per class: "gemv" small-M weight streaming, "triton" block GEMM,
+                             "triton_fused" block GEMM quantizing in its K loop)
     preference "cublas"   -> torch._scaled_mm blockwise (bf16 output, dynamic 1x128 scales)
     preference "deepgemm" -> DeepGEMM when it loads (bf16 output, K % 128 == 0, N % 64 == 0)
 A backend that cannot run a shape falls through: deepgemm -> cublas -> triton.
@@ -13,6 +15,7 @@ configs); NOTES.md beside this file holds the measurements they were read from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -20,6 +23,7 @@ import os
 import torch
 
 from fp8fx.kernels.block_gemm import GemmConfig
+from fp8fx.kernels.gemv import GemvConfig
 
 __all__ = [
     "PREFERENCES",
@@ -29,6 +33,7 @@ __all__ = [
     "shape_class",
     "choose",
     "triton_config",
+    "gemv_config",
 ]
 
 PREFERENCES = ("auto", "triton", "cublas", "deepgemm")
@@ -59,14 +64,6 @@ MEASURED = {
     (4096, 7168, 16384): ("cublas", "cublas"),
     (4096, 4096, 7168): ("cublas", "cublas"),
     (4096, 7168, 2048): ("cublas", "cublas"),
-    (1, 6144, 4096): ("triton", "triton"),
-    (1, 4096, 4096): ("triton", "triton_fused"),
-    (1, 28672, 4096): ("triton", "cublas"),
-    (1, 4096, 14336): ("triton", "triton"),
-    (16, 6144, 4096): ("triton", "triton"),
-    (16, 4096, 4096): ("triton", "triton_fused"),
-    (16, 28672, 4096): ("triton", "triton"),
-    (16, 4096, 14336): ("triton", "triton"),
     (128, 6144, 4096): ("cublas", "cublas"),
     (128, 4096, 4096): ("cublas", "cublas"),
     (128, 28672, 4096): ("cublas", "cublas"),
@@ -79,20 +76,60 @@ MEASURED = {
     (8192, 4096, 4096): ("cublas", "cublas"),
     (8192, 28672, 4096): ("cublas", "cublas"),
     (8192, 4096, 14336): ("cublas", "cublas"),
-    (1, 576, 7168): ("triton", "triton_fused"),
-    (1, 2112, 7168): ("triton", "triton_fused"),
-    (1, 4096, 4480): ("triton", "triton_fused"),
-    (7, 576, 7168): ("triton", "triton_fused"),
-    (7, 2112, 7168): ("triton", "triton_fused"),
-    (7, 4096, 4480): ("triton", "triton_fused"),
     (300, 576, 7168): ("triton", "triton"),
     (300, 2112, 7168): ("cublas", "cublas"),
     (300, 4096, 4480): ("triton", "triton"),
+    # decode (M <= 16): ``bench gemm --small-m``, H200, 2026-11-22 (NOTES.md, "gemv")
+    (1, 2112, 7168): ('gemv', 'gemv'),
+    (1, 24576, 1536): ('gemv', 'gemv'),
+    (1, 32768, 512): ('gemv', 'gemv'),
+    (1, 7168, 16384): ('gemv', 'gemv'),
+    (1, 4096, 7168): ('gemv', 'gemv'),
+    (1, 7168, 2048): ('gemv', 'gemv'),
+    (1, 6144, 4096): ('gemv', 'gemv'),
+    (1, 4096, 4096): ('gemv', 'gemv'),
+    (1, 28672, 4096): ('gemv', 'gemv'),
+    (1, 4096, 14336): ('gemv', 'gemv'),
+    (1, 576, 7168): ('gemv', 'gemv'),
+    (1, 4096, 4480): ('gemv', 'gemv'),
+    (16, 2112, 7168): ('gemv', 'gemv'),
+    (16, 24576, 1536): ('gemv', 'gemv'),
+    (16, 32768, 512): ('gemv', 'gemv'),
+    (16, 7168, 16384): ('triton', 'gemv'),
+    (16, 4096, 7168): ('gemv', 'gemv'),
+    (16, 7168, 2048): ('gemv', 'gemv'),
+    (16, 6144, 4096): ('triton', 'gemv'),
+    (16, 4096, 4096): ('gemv', 'gemv'),
+    (16, 28672, 4096): ('triton', 'gemv'),
+    (16, 4096, 14336): ('gemv', 'gemv'),
+    (2, 6144, 4096): ('gemv', 'gemv'),
+    (2, 4096, 4096): ('gemv', 'gemv'),
+    (2, 28672, 4096): ('gemv', 'gemv'),
+    (2, 4096, 14336): ('gemv', 'gemv'),
+    (4, 6144, 4096): ('gemv', 'gemv'),
+    (4, 4096, 4096): ('gemv', 'gemv'),
+    (4, 28672, 4096): ('gemv', 'cublas'),
+    (4, 4096, 14336): ('gemv', 'gemv'),
+    (8, 6144, 4096): ('gemv', 'gemv'),
+    (8, 4096, 4096): ('gemv', 'gemv'),
+    (8, 28672, 4096): ('cublas', 'cublas'),
+    (8, 4096, 14336): ('gemv', 'gemv'),
+    (7, 576, 7168): ('gemv', 'gemv'),
+    (7, 2112, 7168): ('gemv', 'gemv'),
+    (7, 4096, 4480): ('gemv', 'gemv'),
 }
 
-# The Triton family's linear route per class, used under preference "triton".
+# The Triton family's route per class, used under preference "triton": GEMM alone (fp8
+# activations in) and linear (activation quant included).
+AUTO_GEMM = {
+    "decode": "gemv",
+    "m64": "triton",
+    "m128": "triton",
+    "m512": "triton",
+    "large": "triton",
+}
 AUTO_LINEAR = {
-    "decode": "triton_fused",
+    "decode": "gemv",
     "m64": "triton",
     "m128": "triton",
     "m512": "triton",
@@ -106,6 +143,50 @@ TRITON_DEFAULTS = {
     "m128": GemmConfig(64, 128, 4, 4),
     "m512": GemmConfig(64, 64, 4, 4),
     "large": GemmConfig(128, 128, 8, 4),
+}
+
+# gemv (small-M weight streaming): the best of gemv.CONFIGS x split-K x launch variants per
+# measured shape, (GEMM alone on fp8 activations, linear quantizing bf16 in the kernel), from
+# ``python -m fp8fx bench gemm --small-m --sweep`` (H200, Triton 3.6, 2026-11-22; per shape
+# the faster of two runs, NOTES.md "gemv"); other shapes take the nearest one's.
+GEMV_MEASURED = {
+    (1, 2112, 7168): (GemvConfig(128, 8, 3, 14, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 14, use_dot=False, pdl=True)),
+    (1, 24576, 1536): (GemvConfig(128, 4, 4, 2, pdl=True), GemvConfig(128, 4, 4, 2, pdl=True)),
+    (1, 32768, 512): (GemvConfig(128, 8, 3, 1, use_dot=False, pdl=True), GemvConfig(128, 8, 3, 1, use_dot=False, pdl=True)),
+    (1, 7168, 16384): (GemvConfig(128, 4, 3, 8, pdl=True), GemvConfig(128, 4, 3, 8, pdl=True)),
+    (1, 4096, 7168): (GemvConfig(128, 4, 3, 14, pdl=True), GemvConfig(128, 4, 3, 14, pdl=True)),
+    (1, 7168, 2048): (GemvConfig(128, 8, 3, 4, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 4, use_dot=False, pdl=True)),
+    (1, 6144, 4096): (GemvConfig(128, 4, 4, 8, pdl=True), GemvConfig(128, 4, 4, 8, pdl=True)),
+    (1, 4096, 4096): (GemvConfig(128, 8, 3, 8, use_dot=False, pdl=True), GemvConfig(128, 8, 3, 8, use_dot=False, pdl=True)),
+    (1, 28672, 4096): (GemvConfig(128, 4, 3, 2), GemvConfig(128, 4, 3, 2)),
+    (1, 4096, 14336): (GemvConfig(128, 4, 3, 16, pdl=True), GemvConfig(128, 4, 3, 16, pdl=True)),
+    (1, 576, 7168): (GemvConfig(128, 8, 3, 28, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 28, use_dot=False, pdl=True)),
+    (1, 4096, 4480): (GemvConfig(128, 4, 4, 12, pdl=True), GemvConfig(128, 4, 4, 12, pdl=True)),
+    (16, 2112, 7168): (GemvConfig(64, 4, 4, 14, pdl=True), GemvConfig(128, 8, 4, 14, pdl=True)),
+    (16, 24576, 1536): (GemvConfig(128, 8, 4, 1, pdl=True), GemvConfig(128, 4, 3, 2, pdl=True)),
+    (16, 32768, 512): (GemvConfig(128, 8, 4, 1), GemvConfig(128, 8, 4, 1, pdl=True)),
+    (16, 7168, 16384): (GemvConfig(256, 8, 3, 8), GemvConfig(256, 8, 3, 8)),
+    (16, 4096, 7168): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True, prefetch=4)),
+    (16, 7168, 2048): (GemvConfig(128, 8, 4, 4), GemvConfig(128, 8, 4, 4, pdl=True)),
+    (16, 6144, 4096): (GemvConfig(128, 4, 3, 8), GemvConfig(128, 4, 3, 8, pdl=True)),
+    (16, 4096, 4096): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True)),
+    (16, 28672, 4096): (GemvConfig(256, 8, 3, 2), GemvConfig(128, 8, 4, 1, pdl=True, prefetch=4)),
+    (16, 4096, 14336): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True, prefetch=4)),
+    (2, 6144, 4096): (GemvConfig(128, 4, 4, 8, pdl=True), GemvConfig(128, 4, 3, 8)),
+    (2, 4096, 4096): (GemvConfig(128, 4, 3, 8), GemvConfig(128, 4, 3, 8)),
+    (2, 28672, 4096): (GemvConfig(128, 4, 3, 2), GemvConfig(128, 4, 3, 1, pdl=True, prefetch=4, kb_iter=2)),
+    (2, 4096, 14336): (GemvConfig(128, 4, 3, 16, pdl=True), GemvConfig(128, 4, 3, 16, pdl=True, prefetch=4)),
+    (4, 6144, 4096): (GemvConfig(256, 8, 3, 8, pdl=True), GemvConfig(256, 8, 3, 8, pdl=True)),
+    (4, 4096, 4096): (GemvConfig(256, 8, 3, 16, pdl=True), GemvConfig(256, 8, 3, 16, pdl=True, prefetch=4)),
+    (4, 28672, 4096): (GemvConfig(256, 8, 3, 2, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 2, pdl=True)),
+    (4, 4096, 14336): (GemvConfig(256, 8, 3, 16, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 16, pdl=True)),
+    (8, 6144, 4096): (GemvConfig(128, 4, 3, 8), GemvConfig(128, 4, 3, 8, pdl=True, prefetch=4)),
+    (8, 4096, 4096): (GemvConfig(256, 8, 3, 16, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 16, pdl=True, prefetch=4)),
+    (8, 28672, 4096): (GemvConfig(256, 8, 3, 2, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 2, pdl=True, prefetch=4)),
+    (8, 4096, 14336): (GemvConfig(256, 8, 3, 16, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 16, pdl=True)),
+    (7, 576, 7168): (GemvConfig(128, 8, 4, 28, pdl=True, prefetch=4), GemvConfig(128, 8, 4, 28, pdl=True, prefetch=4)),
+    (7, 2112, 7168): (GemvConfig(128, 8, 4, 14, pdl=True), GemvConfig(256, 8, 3, 28, pdl=True, prefetch=4)),
+    (7, 4096, 4480): (GemvConfig(256, 8, 3, 12, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 12, pdl=True, prefetch=4)),
 }
 
 _preference = os.environ.get("FP8FX_KERNEL", "auto")
@@ -153,6 +234,17 @@ def triton_config(m: int, n: int, k: int, a_hp: bool = False) -> GemmConfig:
     return TRITON_DEFAULTS[shape_class(m)]
 
 
+@functools.lru_cache(maxsize=4096)
+def gemv_config(m: int, n: int, k: int, fp8_in: bool) -> GemvConfig:
+    """The gemv config measured at the nearest measured shape (distance as for MEASURED);
+    ``fp8_in``: activations arrive quantized (GEMM alone), else bf16 (linear). The measured
+    split-K factor is kept only for the same (N, K); otherwise gemv.pick_split's rule."""
+    dist = lambda key: sum(abs(math.log2(a / b)) for a, b in zip((max(m, 1), max(n, 1), max(k, 1)), key))
+    key = min(GEMV_MEASURED, key=dist)
+    cfg = GEMV_MEASURED[key][0 if fp8_in else 1]
+    return cfg if key[1:] == (n, k) else dataclasses.replace(cfg, split_k=0)
+
+
 def _cublas_ok(k: int, out_dtype: torch.dtype, static_act: bool) -> bool:
     from fp8fx.kernels import cublas
 
@@ -176,8 +268,9 @@ def choose(
     static_act: bool = False,
     pref: str | None = None,
 ) -> str:
-    """Backend for one GEMM: "triton_fused" (only when ``fused_quant``), "triton", "cublas"
-    or "deepgemm". ``fused_quant``: the caller holds high-precision activations (linear).
+    """Backend for one GEMM: "gemv" (small M), "triton_fused" (only when ``fused_quant``),
+    "triton", "cublas" or "deepgemm". "gemv" takes every case (static scales, UE8M0, any
+    output dtype). ``fused_quant``: the caller holds high-precision activations (linear).
 
     Memoized per shape: it runs on every GEMM call, where Python time is decode latency."""
     return _choose(m, n, k, out_dtype, device, fused_quant, static_act, _check(pref or _preference))
@@ -197,9 +290,9 @@ def _choose(m, n, k, out_dtype, device, fused_quant, static_act, pref) -> str:
     if pref == "cublas":
         if _cublas_ok(k, out_dtype, static_act):
             return "cublas"
-        pref = "triton"
-    if pref == "triton" and fused_quant and not measured and AUTO_LINEAR[cls] == "triton_fused":
-        pref = "triton_fused"  # the Triton family's best choice for this class
+        pref, measured = "triton", False  # the Triton family's choice for this class
+    if pref == "triton" and not measured:
+        pref = (AUTO_LINEAR if fused_quant else AUTO_GEMM)[cls]  # the Triton family's choice
     if pref == "triton_fused" and (not fused_quant or static_act):
         pref = "triton"
     return pref

@@ -1,0 +1,421 @@
+"""Small-M block-FP8 linear (Triton, SM90): weight streaming for decode, M <= 16 tokens.
+
+Legend: M tokens, N out_features, K in_features, BK = 128 (one scale group along K),
+nK = ceil(K / 128), BN the output columns of one program, S split-K factor,
+BM the token rows of one program: the next power of two >= M, at most 16 (16 once M > 2
+when the kernel quantizes).
+
+    x[M, K] bf16/fp16/fp32, quantized here per 1 x 128 group (dynamic) or by one static scale,
+        or x[M, K] fp8 with sx[M, nK] fp32 (or a scalar) already quantized
+    w[N, K] fp8, sw[nN, nK] fp32, or e8m0 read as uint8 and rebuilt as fp32 bits << 23
+    program (n tile, k split, m tile):
+        for each K block kb of its split:  acc[BN, BM] += (w[BN, kb] @ xq[BM, kb].T) * sw * sx
+        S == 1: y = acc (+ bias), cast, stored
+        S > 1:  fp32 partial stored; the last of the S programs of a tile to arrive (atomic
+                ticket) sums the S partials in split order, adds bias, casts and stores
+
+At M <= 16 the product is a few FLOPs per weight byte: the kernel's job is to stream w at
+HBM speed. Swap-AB: the weight tile is the MMA's M side (BN rows, K-contiguous 16-byte loads
+pipelined ``num_stages`` deep, ``kb_iter`` K blocks per loop iteration), the tokens its N
+side. ``tl.dot`` needs 16 columns, so the BM quantized rows are repeated 16 / BM times (no
+padding rows to quantize; column j holds token j // (16 / BM)). ``use_dot=False`` (M = 1
+only) multiplies in fp32 registers instead and reduces over K once at the end.
+
+Activation codes and scales are computed with act_quant's functions, bit for bit as
+fp8fx.reference.quantize_act (IEEE division); with UE8M0 scales the division by 2**e is the
+exact multiplication by 2**-e.
+
+Launch overhead: with ``pdl`` the kernel is launched as a programmatic dependent launch
+(SM90): it may start while the previous kernel in the stream finishes, lets the next one do
+the same, and waits (griddepcontrol.wait) before it reads anything a previous kernel may
+have written (x, scales, bias, tickets). Before that wait, ``prefetch`` > 0 asks L2 for each
+program's first ``prefetch`` weight K blocks: weights are never written by the kernels
+around a linear, and an L2 prefetch returns nothing to the program, so it is safe.
+
+Split-K is one launch and deterministic: the partial sums are added in split order whichever
+program arrives last. The tickets (one int32 per tile) live in a per-device buffer that the
+last program of each tile sets back to zero, so it stays zeroed between launches on one
+stream. Two streams running split gemvs at the same time would share it: not supported.
+The buffer is allocated once, from a helper thread, because the caching allocator puts the
+calling thread's allocations into a CUDA-graph pool while one is being recorded (cudagraph
+trees' warm-up included), where a buffer that outlives the graph must not live; when the
+first split gemv of a device is itself being captured, that call zeroes fresh tickets in
+the graph instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8fx import reference
+from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
+from fp8fx.kernels.block_gemm import num_sms
+
+__all__ = ["GemvConfig", "CONFIGS", "LAUNCH_VARIANTS", "gemv", "pick_split"]
+
+BLOCK_K = 128  # = the weight and activation scale granularity along K
+DOT_COLS = 16  # tl.dot's smallest N
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 0  # 0: from the shape (pick_split); else the factor used
+    use_dot: bool = True  # False: fp32 FMAs in registers, M = 1 and block_n <= 128 only
+    pdl: bool = False  # programmatic dependent launch (see the module docstring)
+    prefetch: int = 0  # weight K blocks per program prefetched into L2 first (0 or a power of two)
+    kb_iter: int = 1  # K blocks per loop iteration (tensor-core path); FMA path: > 1 double-buffers
+
+    def __str__(self) -> str:
+        extra = ("p" if self.pdl else "") + (f"f{self.prefetch}" if self.prefetch else "")
+        extra += f"i{self.kb_iter}" if self.kb_iter > 1 else ""
+        return f"{'dot' if self.use_dot else 'fma'}n{self.block_n}w{self.num_warps}s{self.num_stages}k{self.split_k}{extra}"
+
+
+# The sweep list, in one place: bench.py --small-m --sweep times every entry x split-K
+# factors per shape, then the best three with each LAUNCH_VARIANTS entry (pdl, prefetch);
+# dispatch.GEMV_MEASURED holds the winners. (H200 sweeps, NOTES.md: block_n 32 and 6-stage
+# variants never won; the double-buffered FMA path, the last entry, lost everywhere.)
+CONFIGS = [
+    GemvConfig(64, 4, 4),
+    GemvConfig(128, 4, 3),
+    GemvConfig(128, 4, 4),
+    GemvConfig(128, 8, 4),
+    GemvConfig(256, 8, 3),
+    GemvConfig(64, 4, 4, use_dot=False),
+    GemvConfig(128, 8, 3, use_dot=False),
+    GemvConfig(128, 4, 3, kb_iter=2),
+    GemvConfig(128, 8, 3, kb_iter=2),
+    GemvConfig(128, 8, 3, use_dot=False, kb_iter=2),
+]
+LAUNCH_VARIANTS = [(True, 0), (False, 4), (True, 4)]
+
+
+@triton.jit
+def _quantize_rows(x, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """fp32 x[R, G] / s[R] -> fp8 e4m3 codes, as reference._to_fp8 (act_quant.quantize_tile)."""
+    if UE8M0:
+        # s = 2**e exactly, so x * 2**-e is the correctly rounded x / s (one rounding either way).
+        inv = ((254 - ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+        v = x * inv[:, None]
+    else:
+        v = tl.math.div_rn(x, s[:, None])
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    if EXACT_CAST:
+        v = round_to_e4m3_grid(v)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, rn, stride_wn, kb_start, kb_end, PREFETCH: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One prefetch per 128-byte line: rows rn, K blocks kb_start .. kb_start + PREFETCH - 1
+    # (blocks past kb_end fold back onto kb_start: in bounds, redundant).
+    kbs = kb_start + tl.arange(0, PREFETCH)
+    kbs = tl.where(kbs < kb_end, kbs, kb_start)
+    ptrs = w_ptr + rn[:, None] * stride_wn + kbs[None, :].to(tl.int64) * BLOCK_K
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_dependency(WAIT: tl.constexpr):
+    # griddepcontrol (PTX ISA 7.8, SM90): a no-op unless the kernel was launched with PDL.
+    if WAIT:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+    # acc[BN, C] fp32; column c is token tok[c] (stored where col_ok[c]).
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + tok[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gemv_kernel(
+    # pointers
+    x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+    # shapes
+    M, N, K, KB_PER_SPLIT, SPLIT_K,
+    # strides
+    stride_xm, stride_sxm, stride_sxk, stride_wn, stride_swn, stride_swk, stride_ym, stride_ps,
+    # meta-parameters
+    X_FP8: tl.constexpr, STATIC_ACT: tl.constexpr, ACT_UE8M0: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    # Columns of the accumulator: COLS = 16 (tl.dot) holding each of the BM token rows
+    # COLS / BM times, or COLS = BM = 1 for the FMA path.
+    cols = tl.arange(0, COLS)
+    tok = pid_m * BLOCK_M + cols // (COLS // BLOCK_M)
+    col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
+    rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
+    sx_ptrs = sx_ptr + offs_m * stride_sxm
+    if BLOCK_N <= 128:
+        sw_ptrs = sw_ptr + (pid_n * BLOCK_N // 128) * stride_swn  # one weight block row
+    else:
+        sw_ptrs = sw_ptr + (rn // 128) * stride_swn
+
+    kb_start = pid_k * KB_PER_SPLIT
+    kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    if PDL:
+        _grid_dependency(False)  # the next kernel may launch now; it waits for our completion
+    if PREFETCH > 0:
+        _prefetch_l2(w_ptr, rn, stride_wn, kb_start, kb_end, PREFETCH, BLOCK_K)
+    if PDL:
+        _grid_dependency(True)  # everything earlier kernels wrote is visible from here on
+    if KB_ITER > 1 or W_DOUBLE_BUFFER:
+        k_lim = min(kb_end * BLOCK_K, K)  # this split's K columns end here
+    else:
+        k_lim = K  # kb < kb_end always (keeps K's divisibility by 16 visible to the compiler)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, COLS), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if W_DOUBLE_BUFFER:
+        # The FMA path loads straight into registers (no cp.async ring): double-buffered by
+        # hand, the next K block's load issued before this one's FMAs (more registers).
+        w_next = tl.load(w_ptrs + kb_start * BLOCK_K, mask=(kb_start * BLOCK_K + offs_k < k_lim)[None, :], other=0.0)
+    for kb0 in range(kb_start, kb_end, KB_ITER):
+        for j in tl.static_range(KB_ITER):
+            kb = kb0 + j
+            k_ok = kb * BLOCK_K + offs_k < k_lim  # past kb_end: zeros, adds nothing
+            if KB_ITER > 1:
+                kb_s = tl.minimum(kb, kb_end - 1)  # scale index kept in bounds
+            else:
+                kb_s = kb
+            if not W_DOUBLE_BUFFER:
+                w = tl.load(w_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
+            else:
+                w = w_next
+                nxt_ok = (kb + 1) * BLOCK_K + offs_k < k_lim
+                w_next = tl.load(w_ptrs + (kb + 1) * BLOCK_K, mask=nxt_ok[None, :], other=0.0)
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            # Activation codes xq[BM, BK] and scales sx[BM].
+            if X_FP8:
+                xq = tl.load(x_ptrs + kb * BLOCK_K, mask=x_mask, other=0.0)
+                sx = tl.load(sx_ptrs + kb_s * stride_sxk, mask=m_ok, other=1.0)
+            else:
+                x = tl.load(x_ptrs + kb * BLOCK_K, mask=x_mask, other=0.0).to(tl.float32)
+                if STATIC_ACT:
+                    sx = tl.load(sx_ptrs, mask=m_ok, other=1.0)  # strides 0: the one static scale
+                    xq = _quantize_rows(x, sx, False, EXACT_CAST)
+                else:
+                    sx = group_scale(x, ACT_UE8M0)
+                    xq = _quantize_rows(x, sx, ACT_UE8M0, EXACT_CAST)
+            if W_SCALE_E8M0:
+                sw = (tl.load(sw_ptrs + kb_s * stride_swk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            else:
+                sw = tl.load(sw_ptrs + kb_s * stride_swk)
+            if USE_DOT:
+                if COLS > BLOCK_M:
+                    xq = tl.reshape(tl.broadcast_to(xq[:, None, :], (BLOCK_M, COLS // BLOCK_M, BLOCK_K)), (COLS, BLOCK_K))
+                    sx = tl.reshape(tl.broadcast_to(sx[:, None], (BLOCK_M, COLS // BLOCK_M)), (COLS,))
+                part = tl.dot(w, tl.trans(xq))  # [BN, 16] fp32
+                if BLOCK_N <= 128:
+                    acc += part * (sx * sw)[None, :]
+                else:
+                    acc += part * (sw[:, None] * sx[None, :])
+            else:
+                # M = 1: fold both scales into the activation row, one FMA per weight element.
+                acc2 += w.to(tl.float32) * (xq.to(tl.float32) * (sx * sw)[:, None])
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]  # [BN, 1]
+
+    if SPLIT:
+        # Partials [S, M, N] fp32; the program that takes the last ticket of this tile reduces.
+        p_ptrs = part_ptr + tok[None, :].to(tl.int64) * N + offs_n[:, None]
+        p_mask = n_ok[:, None] & col_ok[None, :]
+        tl.store(p_ptrs + pid_k * stride_ps, acc, mask=p_mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) ticket
+        ticket = tl.atomic_add(ticket_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_N, COLS), dtype=tl.float32)
+            for s in range(0, SPLIT_K):  # fixed order: deterministic
+                acc += tl.load(p_ptrs + s * stride_ps, mask=p_mask, other=0.0, cache_modifier=".cg")
+            _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+            tl.store(ticket_ptr + pid_m * tl.num_programs(0) + pid_n, 0)  # zeroed for the next launch
+    else:
+        _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+
+
+_TICKETS_PER_DEVICE = 1 << 16  # tiles (token tiles x N tiles) one split gemv may have
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS_LOCK = threading.Lock()
+
+
+def _zeros_off_graph(device: torch.device) -> torch.Tensor:
+    result = []
+
+    def alloc():
+        with torch.cuda.device(device):
+            result.append(torch.zeros(_TICKETS_PER_DEVICE, dtype=torch.int32, device=device))
+            torch.cuda.current_stream(device).synchronize()
+
+    thread = threading.Thread(target=alloc)
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError("fp8fx gemv: could not allocate the split-K tickets")
+    return result[0]
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32[count] the kernel leaves zeroed (see the module docstring)."""
+    buf = _TICKETS.get(device)
+    if buf is not None and count <= buf.numel():
+        return buf
+    if count > _TICKETS_PER_DEVICE or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    with _TICKETS_LOCK:
+        if device not in _TICKETS:
+            if device.type == "cuda":
+                _TICKETS[device] = _zeros_off_graph(device)
+            else:  # the interpreter
+                _TICKETS[device] = torch.zeros(_TICKETS_PER_DEVICE, dtype=torch.int32, device=device)
+    return _TICKETS[device]
+
+
+def pick_split(m: int, n: int, k: int, cfg: GemvConfig, sms: int) -> int:
+    """Split-K factor: ``cfg.split_k``, or about two programs per SM with >= 2 K blocks each
+    (the first H200 sweep's winners at every Llama-3-8B shape were at or next to this).
+    Normalized so that no split is empty."""
+    k_blocks = triton.cdiv(k, BLOCK_K)
+    split = cfg.split_k
+    if not split:
+        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, 16)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 2))
+    split = min(split, k_blocks)
+    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
+
+
+def gemv(
+    x: torch.Tensor,
+    sx: torch.Tensor | None,
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ w[N, K].T, block-FP8, for small M.
+
+    x bf16/fp16/fp32 with sx None: quantized here per 1 x 128 group (UE8M0 scales when
+    ``act_ue8m0``); x bf16/fp16/fp32 with sx one value: static per-tensor quantization;
+    x fp8 with sx[M, nK] fp32 (any strides) or one value: already quantized.
+    w fp8 with sw[nN, nK] fp32 or e8m0. Any M works; it is made for M <= 16.
+    """
+    from fp8fx.kernels import dispatch  # the measured config per shape lives there
+
+    # (1) check
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"fp8fx gemv: expected x[M, K] and w[N, K], got {tuple(x.shape)}, {tuple(w.shape)}")
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"fp8fx gemv: x has K={k}, w has K={w.shape[1]}")
+    if k % 16:
+        raise ValueError(f"fp8fx gemv: K must be a multiple of 16 for fp8 tensor cores, got {k}")
+    x_fp8 = x.dtype == reference.FP8_DTYPE
+    if w.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx gemv: expected an fp8 e4m3 weight, got {w.dtype}")
+    if not x_fp8 and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fp8fx gemv: x must be fp8 e4m3 or bf16/fp16/fp32, got {x.dtype}")
+    if x_fp8 and sx is None:
+        raise ValueError("fp8fx gemv: fp8 x needs its scales sx")
+    grid_shape = reference.scale_grid(n, k, (128, 128))
+    if tuple(sw.shape) != grid_shape or sw.dtype not in (torch.float32, reference.E8M0_DTYPE):
+        raise ValueError(f"fp8fx gemv: weight scale must be fp32/e8m0 {grid_shape}, got {sw.dtype} {tuple(sw.shape)}")
+    tensors = [t for t in (x, sx, w, sw, bias) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise RuntimeError(f"fp8fx gemv: inputs on several devices: {[str(t.device) for t in tensors]}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp8fx gemv: bias must have shape ({n},), got {tuple(bias.shape)}")
+    n_kb = triton.cdiv(k, BLOCK_K)
+    # One value is a static per-tensor scale, unless it is fp8 x's [1, 1] per-group scale.
+    static = sx is not None and sx.numel() == 1 and not (x_fp8 and tuple(sx.shape) == (m, n_kb))
+    if sx is None:
+        sx_t, stride_sxm, stride_sxk = x, 0, 0  # unused
+    elif static:
+        sx_t, stride_sxm, stride_sxk = sx.reshape(()).float(), 0, 0
+    else:
+        if not x_fp8 or tuple(sx.shape) != (m, n_kb) or sx.dtype != torch.float32:
+            raise ValueError(f"fp8fx gemv: activation scale must be fp32 ({m}, {n_kb}) for fp8 x, or one static value; got {sx.dtype} {tuple(sx.shape)}")
+        sx_t, stride_sxm, stride_sxk = sx, sx.stride(0), sx.stride(1)
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx gemv: the Triton kernel needs CUDA tensors, got {x.device}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    e8m0 = sw.dtype == reference.E8M0_DTYPE
+    sw_t = sw.view(torch.uint8) if e8m0 else sw
+
+    # (2) allocate
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    cfg = config or dispatch.gemv_config(m, n, k, x_fp8)
+    # Tokens per program, a power of two <= 16. Quantizing in the kernel, 4 or 8 rows
+    # repeated 4 or 2 times to fill tl.dot's 16 columns were measured 1.3x and 2x slower
+    # than 16 rows with the unused ones masked (H200, Triton 3.6; NOTES.md).
+    block_m = min(16, triton.next_power_of_2(m))
+    if not x_fp8 and block_m > 2:
+        block_m = 16
+    use_dot = cfg.use_dot or m > 1 or cfg.block_n > 128  # the FMA path is M = 1 only
+    if not use_dot:
+        block_m = 1
+    split = pick_split(m, n, k, cfg, num_sms(x.device))
+    per_split = triton.cdiv(n_kb, split)
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
+    if split > 1:
+        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        tickets = _tickets(x.device, tiles_m * tiles_n)
+    else:
+        part, tickets = out, out  # unused
+
+    # (3) launch
+    _gemv_kernel[(tiles_n, split, tiles_m)](
+        x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets,
+        m, n, k, per_split, split,
+        x.stride(0), stride_sxm, stride_sxk, w.stride(0), sw_t.stride(0), sw_t.stride(1),
+        out.stride(0), part.stride(0) if split > 1 else 0,
+        X_FP8=x_fp8, STATIC_ACT=static and not x_fp8, ACT_UE8M0=act_ue8m0,
+        W_SCALE_E8M0=e8m0, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        USE_DOT=use_dot, EXACT_CAST=interpreting(),
+        PDL=cfg.pdl and not interpreting(), PREFETCH=0 if interpreting() else cfg.prefetch,
+        KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if cfg.pdl and not interpreting() else {}),
+    )
+    return out
