@@ -28,9 +28,33 @@ import triton.language as tl
 from fp8fx import reference
 from fp8fx.kernels.act_quant import act_quant, interpreting
 
-__all__ = ["grouped_gemm", "grouped_linear"]
+__all__ = ["grouped_gemm", "grouped_linear", "scaled_dot_k_loop"]
 
 BLOCK_K = 128
+
+
+@triton.jit
+def scaled_dot_k_loop(
+    a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, stride_sak, stride_sbk,
+    B_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """sum over K blocks kb of dot(a[:, kb], b[kb, :]) * sa[:, kb] * sb[kb], in fp32, for a tile
+    whose BLOCK_N columns lie in one 128-row weight block (one weight scale per K block).
+    a_ptrs [BLOCK_M, BLOCK_K] / b_ptrs [BLOCK_K, BLOCK_N] point at K block 0 (K contiguous);
+    sa_ptrs [BLOCK_M] and sb_ptrs (a scalar pointer) at its scales; e8m0 scales arrive as uint8."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + offs_k < K
+        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None], other=0.0)
+        sa = tl.load(sa_ptrs + kb * stride_sak)
+        if B_SCALE_E8M0:
+            sb = (tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+        acc += tl.dot(a, b) * (sa * sb)[:, None]
+    return acc
 
 
 @triton.jit
@@ -83,17 +107,8 @@ def _grouped_gemm_kernel(
     sa_ptrs = sa_ptr + rm * stride_sam
     # BLOCK_N <= 128 and a multiple of it divides 128: the tile sits in one weight block row.
     sb_ptrs = sb_ptr + g * stride_sbe + (pid_n * BLOCK_N // 128) * stride_sbn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = kb * BLOCK_K + offs_k < K
-        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None], other=0.0)
-        sa = tl.load(sa_ptrs + kb * stride_sak)
-        if B_SCALE_E8M0:
-            sb = (tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        else:
-            sb = tl.load(sb_ptrs + kb * stride_sbk)
-        acc += tl.dot(a, b) * (sa * sb)[:, None]
+    acc = scaled_dot_k_loop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, stride_sak, stride_sbk,
+                            B_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
+from fp8fx.kernels.grouped_gemm import scaled_dot_k_loop
 
 __all__ = [
     "CONFIGS",
@@ -126,17 +127,8 @@ def _masked_gemm_kernel(
     sa_ptrs = sa_ptr + e * stride_sae + rm * stride_sam
     # BLOCK_N divides 128: the tile sits in one weight block row.
     sb_ptrs = sb_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * stride_sbn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = kb * BLOCK_K + offs_k < K
-        a = tl.load(a_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None], other=0.0)
-        sa = tl.load(sa_ptrs + kb * stride_sak)
-        if B_SCALE_E8M0:
-            sb = (tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        else:
-            sb = tl.load(sb_ptrs + kb * stride_sbk)
-        acc += tl.dot(a, b) * (sa * sb)[:, None]
+    acc = scaled_dot_k_loop(a_ptrs, b_ptrs, sa_ptrs, sb_ptrs, K, stride_sak, stride_sbk,
+                            B_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.where(m_ok[:, None], acc, 0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
