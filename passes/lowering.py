@@ -163,7 +163,6 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     from torch._inductor import ir
     from torch._inductor.lowering import lowerings
     from torch._inductor.select_algorithm import autotune_select_algorithm
-    from torch._inductor.virtualized import V
 
     from fp8fx import reference
     from fp8fx.kernels import dispatch

@@ -109,7 +109,7 @@ def _make_set(m, n, k, device, seed):
 def _bench_shape(m, n, k, rep_ms, l2):
     import torch.nn.functional as F
 
-    from fp8fx.kernels import cublas, dispatch, linear_cuda
+    from fp8fx.kernels import cublas
     from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels.block_gemm import block_gemm
 
