@@ -8,11 +8,13 @@ What a compile does, per Dynamo graph:
        parameter is quantized now and replaced by ``fp8fx.linear`` on frozen fp8 constants
        (same rules and report as ``fp8fx.quantize_``), and every recognized MoE expert GEMM
        on a 3-D expert parameter by ``fp8fx.grouped_linear`` (fp8fx.passes.moe); see
-       ``freeze_weights``.
+       ``freeze_weights``. (quantized models) linears on BlockFP8Tensor weights read the
+       weights' fp8 tensors directly and the subclass arguments are dropped from the call.
     2. Inductor's ``compile_fx`` with ``post_grad_custom_post_pass = fp8fx.passes.PostGradPass``
        (and the mode's options) patched in for this compile only: the pass splits each
        ``fp8fx.linear`` into aten act-quant, which Inductor fuses into the producer, and
-       ``fp8fx.block_gemm``.
+       ``fp8fx.block_gemm``, which fp8fx.passes.lowering lowers to a Triton template or an
+       extern kernel per shape.
 """
 
 from __future__ import annotations
