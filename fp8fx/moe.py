@@ -19,13 +19,26 @@ from torch import nn
 
 from fp8fx.tensor import BlockFP8Tensor
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "register_experts_implementation", "use_fp8_experts", "grouped_experts_forward"]
+__all__ = ["EXPERTS_IMPLEMENTATION", "register_experts_implementation", "use_fp8_experts", "grouped_experts_forward", "sort_by_expert"]
 
 EXPERTS_IMPLEMENTATION = "fp8fx"
 
 
 def _grouped(x: torch.Tensor, w: BlockFP8Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch.ops.fp8fx.grouped_linear(x, w.qdata, w.scale, offs, w.act_scale, list(w.block_size))
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int):
+    """expert_ids [*L] int -> (ids_sorted [S], perm [S], offs [E] int32), S = prod(L): the
+    (token, expert) pairs in expert order and each expert's cumulative end row. No host sync;
+    an id outside [0, num_experts) trips a device-side assert."""
+    ids = expert_ids.reshape(-1)
+    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})")
+    ids_sorted, perm = torch.sort(ids)
+    # histc takes floats on CPU; on CUDA ints keep it exact and graph-capturable.
+    counts_in = ids_sorted.float() if ids_sorted.device.type == "cpu" else ids_sorted.int()
+    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
+    return ids_sorted, perm, torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
 def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
@@ -46,17 +59,8 @@ def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
             f"fp8fx: routing weights have shape {tuple(top_k_weights.shape)}, the expert ids {tuple(top_k_index.shape)}; "
             f"they must match ([tokens, top_k])"
         )
-    expert_ids = top_k_index.reshape(-1)
-    torch._assert_async(
-        ((expert_ids >= 0) & (expert_ids < num_experts)).all(),
-        f"fp8fx: expert ids must lie in [0, {num_experts})",
-    )
-    ids_sorted, perm = torch.sort(expert_ids)
+    ids_sorted, perm, offs = sort_by_expert(top_k_index, num_experts)
     x = hidden_states[perm // k]  # [S, H], grouped by expert
-    # histc takes floats on CPU; on CUDA ints keep it exact and graph-capturable.
-    counts_in = ids_sorted.float() if ids_sorted.device.type == "cpu" else ids_sorted.int()
-    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
-    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
     h = _grouped(x, up, offs)
     if getattr(self, "has_bias", False):

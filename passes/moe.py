@@ -49,6 +49,7 @@ from torch._dynamo.utils import counters
 from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
 from fp8fx.api import LayerRecord, QuantizeReport, quantize_weight_chunked
 from fp8fx.config import BlockFP8Config
+from fp8fx.moe import sort_by_expert
 
 __all__ = ["ExpertWeight", "Use", "find_expert_weights", "gather_sorted", "grouped_linear_unsorted", "rewrite", "route"]
 
@@ -78,15 +79,7 @@ def route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
     expert_ids [*L] int -> perm [S] (pair order sorted by expert), inv [S] (perm's inverse),
     offs [E] int32 (cumulative end row of each expert's pairs), S = prod(L).
     """
-    ids = expert_ids.reshape(-1)
-    torch._assert_async(
-        ((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})"
-    )
-    ids_sorted, perm = torch.sort(ids)
-    # histc takes floats on CPU; on CUDA ints keep it exact and graph-capturable (as fp8fx.moe).
-    counts_in = ids_sorted.float() if ids_sorted.device.type == "cpu" else ids_sorted.int()
-    counts = torch.histc(counts_in, bins=num_experts, min=0, max=num_experts - 1)
-    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    _, perm, offs = sort_by_expert(expert_ids, num_experts)
     inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device))
     return perm, inv, offs
 
