@@ -35,21 +35,19 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-__all__ = ["register", "block_gemm_extern", "TEMPLATE_CONFIGS"]
+__all__ = ["register", "block_gemm_extern", "template_configs"]
 
 _BLOCK = [128, 128]
 log = logging.getLogger(__name__)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): the template's autotune list, from the standalone
-# kernel's sweep (fp8fx/kernels/NOTES.md); BLOCK_K is the scale group, 128.
-TEMPLATE_CONFIGS = [
-    (64, 64, 4, 4),
-    (64, 128, 4, 4),
-    (128, 128, 8, 3),
-    (128, 128, 8, 4),
-    (128, 256, 8, 3),
-    (64, 256, 4, 3),
-]
+
+def template_configs():
+    """The template's max-autotune list: the standalone Triton kernel's sweep list
+    (block_gemm.CONFIGS) without its small-M tiles, which split-K serves; BLOCK_K is 128."""
+    from fp8fx.kernels.block_gemm import CONFIGS
+
+    return [cfg for cfg in CONFIGS if cfg.block_m >= 64]
+
 
 _TEMPLATE_SOURCE = r"""
 {% if HAS_BIAS %}{{def_kernel("A", "AS", "B", "BS", "BIAS")}}{% else %}{{def_kernel("A", "AS", "B", "BS")}}{% endif %}
@@ -165,7 +163,7 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     from torch._inductor.select_algorithm import autotune_select_algorithm
 
     from fp8fx import reference
-    from fp8fx.kernels import dispatch
+    from fp8fx.kernels import cublas, dispatch
 
     counters["fp8fx"]["block_gemm_lowered"] += 1
     reshape = lowerings[torch.ops.aten.reshape.default]
@@ -202,14 +200,13 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
         and wscale.get_dtype() in (torch.float32, reference.E8M0_DTYPE)
     )
-    cublas_ok = template_ok and m_int is not None and m_int % 4 == 0 and dispatch._cublas_ok(k_int, out_dtype, False)
+    cublas_ok = template_ok and m_int is not None and m_int % 4 == 0 and cublas.supports(k_int, out_dtype)
 
     def template_choice(choices, cfg):
-        bm, bn, warps, stages = cfg
         try:
             _template().maybe_append_choice(
-                choices, input_nodes=inputs, layout=layout, num_stages=stages, num_warps=warps,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, HAS_BIAS=bias is not None,
+                choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, GROUP_M=cfg.group_m, HAS_BIAS=bias is not None,
                 B_SCALE_E8M0=wscale.get_dtype() == reference.E8M0_DTYPE,
             )
         except Exception as e:  # an Inductor that cannot generate it: the externs remain
@@ -223,7 +220,7 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         counters["fp8fx"]["block_gemm_autotuned"] += 1
         choices = [extern.bind(inputs, layout, backend="auto", **kw)]
         if m_int is None or m_int > 0:
-            for cfg in TEMPLATE_CONFIGS:
+            for cfg in template_configs():
                 template_choice(choices, cfg)
             choices.append(extern.bind(inputs, layout, backend="triton", **kw))
         if cublas_ok:
@@ -243,7 +240,7 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
             cfg = dispatch.triton_config(m_int, n_int, k_int)
             if pick_split_k(m_int, n_int, k_int, cfg, num_sms(torch.device(device))) == 1:
                 choices = []
-                template_choice(choices, (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages))
+                template_choice(choices, cfg)
                 if choices:
                     counters["fp8fx"]["block_gemm_template_default"] += 1
                     return finish(autotune_select_algorithm("fp8fx_block_gemm", choices, inputs, layout))
