@@ -178,8 +178,12 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     if static_act:
         xs2 = ir.ExternKernel.realize_input(xs)
     else:
-        # Column-major [M, nK]: Inductor writes the scales this way in the fused quant kernel.
-        xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(reshape(xs, [m, xs.get_size()[-1]])), [0, 1])
+        # Column-major [M, nK]: the fused quant kernel writes xs [*lead, nK] with nK outermost,
+        # once for every GEMM that reads it (q/k/v, gate/up), and each reads a strided view.
+        order = [len(lead) - 1 - i for i in range(len(lead))] + [len(lead)]
+        xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(xs), order)
+        if len(lead) > 1:  # a strided view [M, nK] of that buffer, no copy
+            xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(reshape(xs2, [m, xs.get_size()[-1]])), [0, 1])
     qweight, wscale = (ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t)) for t in (qweight, wscale))
     if bias is not None:
         bias = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(bias))

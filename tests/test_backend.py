@@ -641,20 +641,31 @@ def test_quant_fused_into_rmsnorm_and_silu_mul():
         torch.testing.assert_close(out, model(x), rtol=0.02, atol=0.02)
 
 
-def test_gemm_reads_scales_written_column_major():
+@pytest.mark.parametrize("shape", [(7, 256), (2, 5, 256)])
+def test_gemm_reads_scales_written_column_major(shape):
     # passes/lowering.py asks for [M, nK] scales with strides (1, M): the fused quant kernel
-    # writes them in the layout cuBLAS takes, so no transpose copy runs per GEMM.
-    x = torch.randn(7, 256, dtype=BF16)
+    # writes them in the layout cuBLAS takes, so no transpose copy runs per GEMM, and gate/up
+    # read one scale buffer (two quantized inputs: two buffers for three GEMMs).
+    x = torch.randn(*shape, dtype=BF16)
     with fresh_compile():
         _, code = compile_and_code(_build(SwiGLU, norm=True), x)
     body = code[code.index("def call(") :]
-    calls = re.findall(r"extern_kernels\.fp8fx_block_gemm\((?:reinterpret_tensor\(\w+, \([^)]*\), \([^)]*\), \d+\)|\w+), (\w+),", body)
+    view = r"reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)"
+    calls = re.findall(rf"extern_kernels\.fp8fx_block_gemm\((?:{view}|\w+), (?:{view}|(\w+)),", body)
     assert len(calls) == 3, body
-    for buf in set(calls):
-        alloc = re.search(rf"{buf} = empty_strided_cpu\(\((\w+), (\d+)\), \((\d+), (\w+)\)", body)
-        assert alloc is not None, (buf, body)
-        rows, groups, stride0, stride1 = alloc.groups()
-        assert stride0 == "1" and stride1 == rows, alloc.group(0)
+    scale_bufs = set()
+    for *_, vbuf, vsize, vstride, buf in calls:
+        if vbuf:  # a strided view of the buffer: [M, nK] with strides (1, M)
+            (rows, _), (stride0, stride1) = vsize.split(", "), vstride.split(", ")
+            assert stride0 == "1" and stride1 == rows, (vsize, vstride)
+            scale_bufs.add(vbuf)
+        else:
+            alloc = re.search(rf"{buf} = empty_strided_cpu\(\((\w+), (\d+)\), \((\d+), (\w+)\)", body)
+            assert alloc is not None, (buf, body)
+            rows, groups, stride0, stride1 = alloc.groups()
+            assert stride0 == "1" and stride1 == rows, alloc.group(0)
+            scale_bufs.add(buf)
+    assert len(scale_bufs) == 2, body
 
 
 def test_kernel_count_vs_bf16_compiled():
