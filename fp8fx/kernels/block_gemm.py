@@ -25,7 +25,7 @@ import triton.language as tl
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
 
-__all__ = ["GemmConfig", "CONFIGS", "block_gemm", "num_sms"]
+__all__ = ["GemmConfig", "CONFIGS", "block_gemm", "check_operands", "num_sms"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
 
@@ -181,6 +181,31 @@ def pick_split_k(m: int, n: int, k: int, cfg: GemmConfig, sms: int) -> int:
     return split
 
 
+def check_operands(name: str, a: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, bias, *others) -> tuple[int, int, int]:
+    """The checks every dense wrapper (block_gemm, gemv) makes before its own: a[M, K] and
+    b[N, K] fp8 with sb[nN, nK] fp32/e8m0, bias[N], all (with ``others``) on one device.
+    Returns (M, N, K)."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"fp8fx {name}: expected a[M, K] and b[N, K], got {tuple(a.shape)}, {tuple(b.shape)}")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"fp8fx {name}: a has K={k}, b has K={b.shape[1]}")
+    if k % 16:
+        raise ValueError(f"fp8fx {name}: K must be a multiple of 16 for fp8 tensor cores, got {k}")
+    if b.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx {name}: expected an fp8 e4m3 weight, got {b.dtype}")
+    grid_shape = reference.scale_grid(n, k, (128, 128))
+    if tuple(sb.shape) != grid_shape or sb.dtype not in (torch.float32, reference.E8M0_DTYPE):
+        raise ValueError(f"fp8fx {name}: weight scale must be fp32/e8m0 {grid_shape}, got {sb.dtype} {tuple(sb.shape)}")
+    tensors = [t for t in (a, b, sb, bias, *others) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise RuntimeError(f"fp8fx {name}: inputs on several devices: {[str(t.device) for t in tensors]}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"fp8fx {name}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    return m, n, k
+
+
 def block_gemm(
     a: torch.Tensor,
     sa: torch.Tensor | None,
@@ -198,28 +223,13 @@ def block_gemm(
 
     # (1) check
     a_hp = sa is None
-    if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"fp8fx block_gemm: expected a[M, K] and b[N, K], got {tuple(a.shape)}, {tuple(b.shape)}")
-    m, k = a.shape
-    n = b.shape[0]
-    if b.shape[1] != k:
-        raise ValueError(f"fp8fx block_gemm: a has K={k}, b has K={b.shape[1]}")
-    if k % 16:
-        raise ValueError(f"fp8fx block_gemm: K must be a multiple of 16 for fp8 tensor cores, got {k}")
-    if b.dtype != reference.FP8_DTYPE or (not a_hp and a.dtype != reference.FP8_DTYPE):
-        raise TypeError(f"fp8fx block_gemm: expected fp8 e4m3 operands, got {a.dtype} and {b.dtype}")
+    m, n, k = check_operands("block_gemm", a, b, sb, bias, sa)
+    if not a_hp and a.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx block_gemm: expected fp8 e4m3 activations with their scales, got {a.dtype}")
     if a_hp and a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fp8fx block_gemm: in-kernel quantization takes bf16/fp16/fp32, got {a.dtype}")
-    grid_shape = reference.scale_grid(n, k, (128, 128))
-    if tuple(sb.shape) != grid_shape or sb.dtype not in (torch.float32, reference.E8M0_DTYPE):
-        raise ValueError(f"fp8fx block_gemm: weight scale must be fp32/e8m0 {grid_shape}, got {sb.dtype} {tuple(sb.shape)}")
-    tensors = [t for t in (a, sa, b, sb, bias) if t is not None]
-    if len({t.device for t in tensors}) > 1:
-        raise RuntimeError(f"fp8fx block_gemm: inputs on several devices: {[str(t.device) for t in tensors]}")
     if not (a.is_cuda or interpreting()):
         raise RuntimeError(f"fp8fx block_gemm: the Triton kernel needs CUDA tensors, got {a.device}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"fp8fx block_gemm: bias must have shape ({n},), got {tuple(bias.shape)}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     bias = None if bias is None else bias.contiguous()

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
-from fp8fx.kernels.block_gemm import num_sms
+from fp8fx.kernels.block_gemm import check_operands, num_sms
 
 __all__ = ["GemvConfig", "CONFIGS", "LAUNCH_VARIANTS", "gemv", "pick_split"]
 
@@ -336,29 +336,12 @@ def gemv(
     from fp8fx.kernels import dispatch  # the measured config per shape lives there
 
     # (1) check
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"fp8fx gemv: expected x[M, K] and w[N, K], got {tuple(x.shape)}, {tuple(w.shape)}")
-    m, k = x.shape
-    n = w.shape[0]
-    if w.shape[1] != k:
-        raise ValueError(f"fp8fx gemv: x has K={k}, w has K={w.shape[1]}")
-    if k % 16:
-        raise ValueError(f"fp8fx gemv: K must be a multiple of 16 for fp8 tensor cores, got {k}")
+    m, n, k = check_operands("gemv", x, w, sw, bias, sx)
     x_fp8 = x.dtype == reference.FP8_DTYPE
-    if w.dtype != reference.FP8_DTYPE:
-        raise TypeError(f"fp8fx gemv: expected an fp8 e4m3 weight, got {w.dtype}")
     if not x_fp8 and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fp8fx gemv: x must be fp8 e4m3 or bf16/fp16/fp32, got {x.dtype}")
     if x_fp8 and sx is None:
         raise ValueError("fp8fx gemv: fp8 x needs its scales sx")
-    grid_shape = reference.scale_grid(n, k, (128, 128))
-    if tuple(sw.shape) != grid_shape or sw.dtype not in (torch.float32, reference.E8M0_DTYPE):
-        raise ValueError(f"fp8fx gemv: weight scale must be fp32/e8m0 {grid_shape}, got {sw.dtype} {tuple(sw.shape)}")
-    tensors = [t for t in (x, sx, w, sw, bias) if t is not None]
-    if len({t.device for t in tensors}) > 1:
-        raise RuntimeError(f"fp8fx gemv: inputs on several devices: {[str(t.device) for t in tensors]}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"fp8fx gemv: bias must have shape ({n},), got {tuple(bias.shape)}")
     n_kb = triton.cdiv(k, BLOCK_K)
     # One value is a static per-tensor scale, unless it is fp8 x's [1, 1] per-group scale.
     static = sx is not None and sx.numel() == 1 and not (x_fp8 and tuple(sx.shape) == (m, n_kb))
