@@ -292,11 +292,9 @@ def _deepgemm_masked(x, qweight, wscale, masked_m):
 
 def grouped_linear_masked_cuda(x, qweight, wscale, masked_m, act_scale, block_size):
     """CUDA fp8fx::grouped_linear_masked: x[E, M, K] -> y[E, M, N] in x's dtype."""
-    from fp8fx.kernels import deepgemm, dispatch
+    from fp8fx.kernels import _check_cuda, deepgemm, dispatch
 
-    for t in (x, qweight, wscale, masked_m, act_scale):
-        if t is not None and not t.is_cuda:
-            raise RuntimeError(f"fp8fx: CUDA kernels got a tensor on {t.device}; move all inputs to one CUDA device")
+    _check_cuda(x, qweight, wscale, masked_m, act_scale)
     if list(block_size) != [128, 128]:
         return reference.grouped_linear_masked(x, qweight, wscale, masked_m, act_scale, tuple(block_size))
     e, m, k = x.shape
