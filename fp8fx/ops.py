@@ -173,18 +173,23 @@ def _(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
 
 
+def _check_per_expert(name: str, counts: Tensor, act_scale: Optional[Tensor], e: int) -> None:
+    """The int32/int64 [E] row bookkeeping (offs or masked_m) and a static act_scale [E]."""
+    if tuple(counts.shape) != (e,) or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"fp8fx: {name} must be an int32/int64 tensor of shape ({e},), got {counts.dtype} {tuple(counts.shape)}"
+        )
+    if act_scale is not None and tuple(act_scale.shape) != (e,):
+        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+
+
 def check_grouped_args(x, qweight, wscale, offs, act_scale, block_size) -> None:
     _check_weight(qweight, wscale, block_size, expert_dims=1)
     e, _, k = qweight.shape
     _check_x(x, k)
     if x.dim() != 2:
         raise ValueError(f"fp8fx: grouped_linear takes tokens as [T, K], got shape {tuple(x.shape)}")
-    if tuple(offs.shape) != (e,) or offs.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"fp8fx: offs must be an int32/int64 tensor of shape ({e},), got {offs.dtype} {tuple(offs.shape)}"
-        )
-    if act_scale is not None and tuple(act_scale.shape) != (e,):
-        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+    _check_per_expert("offs", offs, act_scale, e)
     _check_same_device(input=x, qweight=qweight, wscale=wscale, offs=offs, act_scale=act_scale)
 
 
@@ -219,13 +224,7 @@ def check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_siz
         raise ValueError(
             f"fp8fx: grouped_linear_masked takes per-expert batches x[E, M, K] with E = {e}, got shape {tuple(x.shape)}"
         )
-    if tuple(masked_m.shape) != (e,) or masked_m.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"fp8fx: masked_m must be an int32/int64 tensor of shape ({e},), "
-            f"got {masked_m.dtype} {tuple(masked_m.shape)}"
-        )
-    if act_scale is not None and tuple(act_scale.shape) != (e,):
-        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+    _check_per_expert("masked_m", masked_m, act_scale, e)
     _check_same_device(input=x, qweight=qweight, wscale=wscale, masked_m=masked_m, act_scale=act_scale)
 
 
