@@ -53,15 +53,66 @@ def _exact(x, q, s, offs, act=None):
         (1, 16, 16, [3]),
     ],
 )
-def test_grouped_linear_matches_reference(e, n, k, counts, scale_fmt):
+@pytest.mark.parametrize("route", ["tiles", "gemv"])
+def test_grouped_linear_matches_reference(e, n, k, counts, scale_fmt, route, monkeypatch):
+    from fp8fx.kernels import dispatch
     from fp8fx.kernels.grouped_gemm import grouped_linear
 
+    monkeypatch.setattr(dispatch, "GROUPED_GEMV_MAX_ROWS", 0 if route == "tiles" else 1 << 20)
     x, q, s, offs = _case(e, n, k, counts, scale_fmt, seed=e * 100 + n)
     y = grouped_linear(x, q, s, offs, None, [128, 128])
     ref = _exact(x, q, s, offs)
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert torch.isfinite(y).all()
     assert rel_err(y.float(), ref) < 2e-3
+
+
+@interpreted
+@pytest.mark.parametrize("block_m", [1, 2, 16])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_grouped_gemv_edges(block_m, split_k):
+    """The grouped gemv at each row-tile size, with and without split-K: uneven, empty and
+    one-row experts, heavy-tailed rows, rows past offs[-1] (zeros), UE8M0 activation scales."""
+    from fp8fx.kernels.gemv import GemvConfig, grouped_gemv
+
+    counts = [2, 0, 5, 1, 0, 3]
+    x, q, s, offs = _case(6, 160, 400, counts, "float32", seed=block_m * 10 + split_k)
+    x[3] = torch.distributions.StudentT(2.0).sample((400,)) * 3.0  # heavy tails
+    x = torch.cat([x, torch.randn(2, 400)])  # two rows no expert owns
+    cfg = GemvConfig(64, 4, 2, split_k=split_k)
+    y = grouped_gemv(x, q, s, offs, torch.float32, config=cfg, block_m=block_m)
+    assert torch.equal(y[11:], torch.zeros(2, 160))
+    assert rel_err(y[:11], _exact(x[:11], q, s, offs)) < 2e-3
+    q8, s8 = R.quantize_weight(torch.randn(6, 160, 400) * 0.05, scale_fmt="ue8m0")
+    y = grouped_gemv(x[:11], q8, s8, offs, torch.float32, config=cfg, act_ue8m0=True, block_m=block_m)
+    want = torch.cat([R.dequantize_act(*R.quantize_act(x[a:b], 128, "ue8m0")) @ R.dequantize_weight(q8[i], s8[i]).t()
+                      for i, (a, b) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
+    assert rel_err(y, want) < 2e-3
+
+
+def test_grouped_gemv_bad_input():
+    from fp8fx.kernels.gemv import grouped_gemv
+
+    q = torch.zeros(2, 32, 128, dtype=torch.float8_e4m3fn)
+    s = torch.ones(2, 1, 1)
+    x = torch.zeros(4, 128)
+    with pytest.raises(ValueError, match="offs must be int32/int64 of shape"):
+        grouped_gemv(x, q, s, torch.tensor([4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weight scales must be \[E, nN, nK\]"):
+        grouped_gemv(x, q, torch.ones(1, 1, 1), torch.tensor([2, 4], dtype=torch.int32))
+    with pytest.raises(TypeError, match="quantized in the kernel"):
+        grouped_gemv(x.to(torch.float8_e4m3fn), q, s, torch.tensor([2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="a has K=64, b has K=128"):
+        grouped_gemv(torch.zeros(4, 64), q, s, torch.tensor([2, 4], dtype=torch.int32))
+
+
+def test_grouped_block_m_rule():
+    from fp8fx.kernels.gemv import grouped_block_m
+
+    assert grouped_block_m(8, 128) == 1  # decode at batch 1, top-8 of 128 experts
+    assert grouped_block_m(128, 128) == 2  # batch 16: about 1.6 rows per active expert
+    assert grouped_block_m(2048, 128) == 16
+    assert grouped_block_m(5, 1) == 16
 
 
 @interpreted

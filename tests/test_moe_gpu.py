@@ -38,7 +38,11 @@ def _exact(x, q, s, offs, act=None):
         (1536, 2048, [16] * 8),  # decode-like: few rows per expert
     ],
 )
-def test_grouped_linear_vs_reference(n, k, counts, scale_fmt):
+@pytest.mark.parametrize("route", ["tiles", "gemv"])
+def test_grouped_linear_vs_reference(n, k, counts, scale_fmt, route, monkeypatch):
+    from fp8fx.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "GROUPED_GEMV_MAX_ROWS", 0 if route == "tiles" else 1 << 20)
     g = torch.Generator(device="cuda").manual_seed(n + k)
     e = len(counts)
     w = torch.randn(e, n, k, device="cuda", generator=g) * 0.02
@@ -52,6 +56,38 @@ def test_grouped_linear_vs_reference(n, k, counts, scale_fmt):
     y = torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])
     assert torch.isfinite(y).all()
     assert _rel(y, _exact(x, q, s, offs)) <= 2e-3
+
+
+@pytest.mark.parametrize("block_m", [1, 2, 16])
+@pytest.mark.parametrize("split_k", [1, 0])
+@pytest.mark.parametrize("tokens,n,k", [(1, 1536, 2048), (16, 2048, 768), (5, 576, 7168)])
+def test_grouped_gemv_vs_reference(tokens, n, k, block_m, split_k):
+    """Top-8-of-64 routing (distinct experts per token), heavy-tailed activations, e8m0 and
+    fp32 weight scales; deterministic split-K (two runs bit-identical), and replayed from a
+    CUDA graph after the routing changed on the device."""
+    from fp8fx.kernels.gemv import GemvConfig, grouped_gemv
+    from fp8fx.moe import sort_by_expert
+
+    g = torch.Generator(device="cuda").manual_seed(tokens * 7 + n)
+    e = 64
+    q, s = R.quantize_weight(torch.randn(e, n, k, device="cuda", generator=g) * 0.02,
+                             scale_fmt="ue8m0" if tokens == 16 else "float32")
+    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(8, dim=-1).indices
+    _, _, offs = sort_by_expert(ids, e)
+    x = (torch.distributions.StudentT(2.0).sample((tokens * 8, k)) * 0.5).to("cuda", torch.bfloat16)
+    cfg = GemvConfig(128, 4, 3, split_k=split_k)
+    run = lambda: grouped_gemv(x, q, s, offs, config=cfg, block_m=block_m, act_ue8m0=tokens == 16)  # noqa: E731
+    y = run()
+    assert torch.isfinite(y).all()
+    assert _rel(y, _exact(x, q, s, offs)) <= 2e-3
+    assert torch.equal(y, run())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    ids2 = torch.rand(tokens, e, device="cuda", generator=g).topk(8, dim=-1).indices
+    offs.copy_(sort_by_expert(ids2, e)[2])
+    graph.replay()
+    assert _rel(out, _exact(x, q, s, offs)) <= 2e-3
 
 
 def test_tail_rows_zero_and_static_scales():

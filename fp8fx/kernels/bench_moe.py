@@ -9,6 +9,10 @@ In one process on one GPU, CUDA-graph replays (do_bench_cudagraph medians):
               shapes (every row valid) and on decode batches (capacity 64 or 16, random
               counts); TFLOP/s counts the valid rows only, for both. ``--sweep`` times
               every grouped_masked.CONFIGS entry per shape (GEMM alone)
+    small     Qwen3-30B-A3B expert GEMMs (gate_up 1536 x 2048, down 2048 x 768) at decode sizes,
+              random top-8 routing over 128 experts: fp8fx grouped_linear's two routes, the
+              grouped gemv (quant in the kernel) and act quant + tiled grouped GEMM, vs bf16
+              torch._grouped_mm, us; ``--sweep`` adds gemv tile configs
     layer     transformers Qwen3MoeSparseMoeBlock (128 experts, top-8, hidden 2048,
               intermediate 768): bf16 experts_implementation="grouped_mm" vs fp8fx
               (quantize_ -> experts_implementation="fp8fx"), at 1, 16, 256, 4096 tokens, ms
@@ -115,6 +119,50 @@ def _masked_table(rep: int, sweep: bool) -> None:
             print(f"| {r['shape']} | " + " | ".join(f"{r['sweep'][c]:.0f}" for c in names) + f" | {best} |")
 
 
+SMALL_TOKENS = [1, 2, 4, 8, 16, 32, 64]
+SMALL_SWEEP = [(128, 4, 4), (64, 4, 4), (128, 8, 4), (256, 8, 3), (64, 2, 4)]
+
+
+def _small_rows(rep: int, sweep: bool) -> list[dict]:
+    from fp8fx import reference
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.gemv import GemvConfig, grouped_block_m, grouped_gemv
+    from fp8fx.kernels.grouped_gemm import config_for, grouped_gemm
+    from fp8fx.moe import sort_by_expert
+
+    e, top_k = QWEN3["experts"], QWEN3["top_k"]
+    rows = []
+    for n, k in [(2 * QWEN3["intermediate"], QWEN3["hidden"]), (QWEN3["hidden"], QWEN3["intermediate"])]:
+        torch.manual_seed(n)
+        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, s = reference.quantize_weight(w)
+        wt = w.transpose(-2, -1)
+        for tokens in SMALL_TOKENS:
+            ids = torch.rand(tokens, e, device="cuda").topk(top_k, dim=-1).indices
+            _, _, offs = sort_by_expert(ids, e)
+            t = tokens * top_k
+            x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+            bm, warps, stages = config_for(t, e)
+
+            def tiles():
+                xq, xs = act_quant(x)
+                return grouped_gemm(xq, xs, q, s, offs, torch.bfloat16, bm, 128, warps, stages)
+
+            want = tiles().float()
+            got = grouped_gemv(x, q, s, offs).float()
+            row = {"shape": f"{tokens} tok ({t} rows) x {n} x {k}", "block_m": grouped_block_m(t, e),
+                   "err": ((got - want).norm() / want.norm().clamp_min(1e-30)).item(),
+                   "bf16": _ms(lambda: torch._grouped_mm(x, wt, offs=offs), rep) * 1e3,
+                   "tiles": _ms(tiles, rep) * 1e3, "gemv": _ms(lambda: grouped_gemv(x, q, s, offs), rep) * 1e3}
+            if sweep:
+                for bn, nw, ns in SMALL_SWEEP:
+                    for bmx in (1, 2, 16):
+                        cfg = GemvConfig(bn, nw, ns)
+                        row[f"{cfg}m{bmx}"] = _ms(lambda: grouped_gemv(x, q, s, offs, config=cfg, block_m=bmx), rep) * 1e3
+            rows.append(row)
+    return rows
+
+
 def _layer_rows(rep: int) -> list[dict]:
     import fp8fx
     from transformers import Qwen3MoeConfig
@@ -148,14 +196,14 @@ def _layer_rows(rep: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx bench moe", description=__doc__)
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
-    parser.add_argument("--only", choices=["grouped", "masked", "layer"], action="append",
+    parser.add_argument("--only", choices=["grouped", "masked", "small", "layer"], action="append",
                         help="run only these tables (repeatable); default: all")
-    parser.add_argument("--sweep", action="store_true", help="masked: time every tile config too")
+    parser.add_argument("--sweep", action="store_true", help="masked, small: time every tile config too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench moe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    tables = args.only or ["grouped", "masked", "layer"]
+    tables = args.only or ["grouped", "masked", "small", "layer"]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if "grouped" in tables:
         print("\n| grouped GEMM, groups x rows x N x K | bf16 _grouped_mm TF | fp8fx GEMM TF | fp8fx quant+GEMM TF | GEMM/bf16 |")
@@ -166,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {r['shape']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['lin']:.0f} | {r['fp8'] / r['bf16']:.2f} |")
     if "masked" in tables:
         _masked_table(args.rep, args.sweep)
+    if "small" in tables:
+        print("\n| Qwen3-30B-A3B experts, decode | bf16 _grouped_mm us | fp8fx tiles us | fp8fx gemv us (block_m) "
+              "| gemv/bf16 | gemv/tiles | gemv vs tiles rel. diff |")
+        print("|---|---|---|---|---|---|---|")
+        for r in _small_rows(args.rep, args.sweep):
+            print(f"| {r['shape']} | {r['bf16']:.1f} | {r['tiles']:.1f} | {r['gemv']:.1f} ({r['block_m']}) "
+                  f"| {r['bf16'] / r['gemv']:.2f} | {r['tiles'] / r['gemv']:.2f} | {r['err']:.1e} |")
+            extra = {key: v for key, v in r.items() if key.startswith("dot")}
+            if extra:
+                best = min(extra, key=extra.get)
+                print(f"|   sweep: best {best} {extra[best]:.1f} us; " + ", ".join(f"{a} {v:.1f}" for a, v in extra.items()) + " |")
     if "layer" in tables:
         print("\n| Qwen3-30B-A3B MoE layer, tokens | bf16 grouped_mm ms | fp8fx ms | speed-up | rel. error |")
         print("|---|---|---|---|---|")

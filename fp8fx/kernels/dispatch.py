@@ -234,6 +234,13 @@ def triton_config(m: int, n: int, k: int, a_hp: bool = False) -> GemmConfig:
     return TRITON_DEFAULTS[shape_class(m)]
 
 
+# fp8fx::grouped_linear takes the grouped gemv (gemv.grouped_gemv) up to this many rows
+# (token-expert pairs), act quant + the tiled grouped GEMM beyond. H200, Qwen3-30B-A3B experts
+# (bench moe --only small, NOTES.md): the gemv is 1.2-1.8x faster at 1-2 tokens x top-8,
+# even at 4-16 tokens (32-128 rows), 0.8x at 256 rows and 0.45x at 512.
+GROUPED_GEMV_MAX_ROWS = 128
+
+
 @functools.lru_cache(maxsize=4096)
 def gemv_config(m: int, n: int, k: int, fp8_in: bool) -> GemvConfig:
     """The gemv config measured at the nearest measured shape (distance as for MEASURED);

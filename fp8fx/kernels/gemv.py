@@ -55,8 +55,9 @@ import triton.language as tl
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
 from fp8fx.kernels.block_gemm import check_operands, num_sms
+from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 
-__all__ = ["GemvConfig", "CONFIGS", "LAUNCH_VARIANTS", "gemv", "pick_split"]
+__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "gemv", "grouped_block_m", "grouped_gemv", "pick_split"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
 DOT_COLS = 16  # tl.dot's smallest N
@@ -146,16 +147,17 @@ def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_
 @triton.jit
 def _gemv_kernel(
     # pointers
-    x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr,
+    x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, offs_ptr,
     # shapes
-    M, N, K, KB_PER_SPLIT, SPLIT_K,
+    M, N, K, KB_PER_SPLIT, SPLIT_K, E,
     # strides
-    stride_xm, stride_sxm, stride_sxk, stride_wn, stride_swn, stride_swk, stride_ym, stride_ps,
+    stride_xm, stride_sxm, stride_sxk, stride_we, stride_wn, stride_swe, stride_swn, stride_swk,
+    stride_ym, stride_ps,
     # meta-parameters
     X_FP8: tl.constexpr, STATIC_ACT: tl.constexpr, ACT_UE8M0: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr,
+    KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -165,14 +167,30 @@ def _gemv_kernel(
     # Columns of the accumulator: COLS = 16 (tl.dot) holding each of the BM token rows
     # COLS / BM times, or COLS = BM = 1 for the FMA path.
     cols = tl.arange(0, COLS)
-    tok = pid_m * BLOCK_M + cols // (COLS // BLOCK_M)
-    col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
     n_ok = offs_n < N
+    if GROUPED:
+        # Rows sorted by expert (grouped_gemv): this row tile's expert g and rows row0:row_end.
+        g, row0, row_end = expert_tile(offs_ptr, pid_m, M, E, E_POW2, BLOCK_M)
+        if g > E:  # past the last tile
+            return
+        tok = row0 + cols // (COLS // BLOCK_M)
+        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
+        if g == E:  # rows no expert owns: zeros, stored by the first split
+            if pid_k == 0:
+                _store_tile(tl.zeros((BLOCK_N, COLS), dtype=tl.float32), tok, col_ok, offs_n, n_ok,
+                            bias_ptr, y_ptr, stride_ym, False)
+            return
+        w_ptr += g.to(tl.int64) * stride_we
+        sw_ptr += g.to(tl.int64) * stride_swe
+    else:
+        row0 = pid_m * BLOCK_M
+        row_end = M
+        tok = row0 + cols // (COLS // BLOCK_M)
+        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < row_end
     # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
@@ -303,14 +321,15 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
     return _TICKETS[device]
 
 
-def pick_split(m: int, n: int, k: int, cfg: GemvConfig, sms: int) -> int:
+def pick_split(m: int, n: int, k: int, cfg: GemvConfig, sms: int, row_tiles: int | None = None) -> int:
     """Split-K factor: ``cfg.split_k``, or about two programs per SM with >= 2 K blocks each
     (the first H200 sweep's winners at every Llama-3-8B shape were at or next to this).
-    Normalized so that no split is empty."""
+    ``row_tiles``: the programs along M (default cdiv(m, 16)). Normalized so that no split
+    is empty."""
     k_blocks = triton.cdiv(k, BLOCK_K)
     split = cfg.split_k
     if not split:
-        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, 16)
+        tiles = triton.cdiv(n, cfg.block_n) * (row_tiles or triton.cdiv(m, 16))
         split = max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 2))
     split = min(split, k_blocks)
     return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
@@ -378,27 +397,105 @@ def gemv(
     if not use_dot:
         block_m = 1
     split = pick_split(m, n, k, cfg, num_sms(x.device))
+    _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, triton.cdiv(m, block_m),
+            use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0)
+    return out
+
+
+def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_m, *, use_dot, x_fp8, static,
+            act_ue8m0, e8m0, offs=None):
+    """One _gemv_kernel launch; w [N, K] / sw_t [nN, nK], or with ``offs`` [E] (grouped)
+    w [E, N, K] / sw_t [E, nN, nK] and ``tiles_m`` the grid's row-tile bound."""
+    m, k = x.shape
+    n = out.shape[1]
+    grouped = offs is not None
+    n_kb = triton.cdiv(k, BLOCK_K)
     per_split = triton.cdiv(n_kb, split)
-    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
+    tiles_n = triton.cdiv(n, cfg.block_n)
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         tickets = _tickets(x.device, tiles_m * tiles_n)
     else:
         part, tickets = out, out  # unused
-
-    # (3) launch
+    we, swe = (w.stride(0), sw_t.stride(0)) if grouped else (0, 0)
+    # PDL and the L2 prefetch run before the grid-dependency wait, but a grouped program
+    # needs offs (written by the kernel before) to know its expert's weights: neither there.
+    pdl = cfg.pdl and not interpreting() and not grouped
     _gemv_kernel[(tiles_n, split, tiles_m)](
-        x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets,
-        m, n, k, per_split, split,
-        x.stride(0), stride_sxm, stride_sxk, w.stride(0), sw_t.stride(0), sw_t.stride(1),
+        x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
+        m, n, k, per_split, split, offs.numel() if grouped else 0,
+        x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
         out.stride(0), part.stride(0) if split > 1 else 0,
-        X_FP8=x_fp8, STATIC_ACT=static and not x_fp8, ACT_UE8M0=act_ue8m0,
+        X_FP8=x_fp8, STATIC_ACT=static, ACT_UE8M0=act_ue8m0,
         W_SCALE_E8M0=e8m0, HAS_BIAS=bias is not None, SPLIT=split > 1,
         USE_DOT=use_dot, EXACT_CAST=interpreting(),
-        PDL=cfg.pdl and not interpreting(), PREFETCH=0 if interpreting() else cfg.prefetch,
+        PDL=pdl, PREFETCH=0 if interpreting() or grouped else cfg.prefetch,
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
+        GROUPED=grouped, E_POW2=triton.next_power_of_2(offs.numel() + 1) if grouped else 1,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"launch_pdl": True} if cfg.pdl and not interpreting() else {}),
+        **({"launch_pdl": True} if pdl else {}),
     )
+
+
+# Grouped: the default tile (the usual M <= 2 winner of the dense sweeps, NOTES.md).
+GROUPED_CONFIG = GemvConfig(128, 4, 3)
+
+
+def grouped_block_m(rows: int, experts: int) -> int:
+    """Rows per program for ``rows`` rows over ``experts`` experts: from the expected rows per
+    active expert under uniform routing (rows / (E * (1 - (1 - 1/E)**rows))). 1 when experts
+    mostly get one row (decode at batch 1: top-k experts are distinct), 2 when about two,
+    else 16 (the in-kernel quant's better layout, as gemv's rule)."""
+    active = experts * (1.0 - (1.0 - 1.0 / experts) ** rows) if experts > 1 else 1.0
+    per_expert = rows / max(active, 1.0)
+    return 1 if per_expert <= 1.3 else 2 if per_expert <= 2.6 else 16
+
+
+def grouped_gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """y[T, N]: rows offs[e-1]:offs[e] of x[T, K] times expert e's w[e] (N x K).T, block-FP8,
+    for few rows per expert (MoE decode): the contiguous layout of grouped_gemm.grouped_gemm
+    (rows past offs[-1] are zeros), computed by the gemv kernel, which streams each active
+    expert's weights once per row tile (``block_m`` rows; default grouped_block_m) with
+    split-K, quantizing x (bf16/fp16/fp32) per 1 x 128 group in the kernel.
+    w fp8 [E, N, K], sw fp32 or e8m0 [E, ceil(N/128), ceil(K/128)], offs int [E]."""
+    if x.dim() != 2 or w.dim() != 3 or w.shape[0] == 0:
+        raise ValueError(f"fp8fx grouped_gemv: expected x[T, K] and w[E, N, K] with E >= 1, got {tuple(x.shape)}, {tuple(w.shape)}")
+    e = w.shape[0]
+    if sw.dim() != 3 or sw.shape[0] != e:
+        raise ValueError(f"fp8fx grouped_gemv: weight scales must be [E, nN, nK] with E = {e}, got {tuple(sw.shape)}")
+    t, n, k = check_operands("grouped_gemv", x, w[0], sw[0], None, offs)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fp8fx grouped_gemv: x must be bf16/fp16/fp32 (it is quantized in the kernel), got {x.dtype}")
+    if tuple(offs.shape) != (e,) or offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fp8fx grouped_gemv: offs must be int32/int64 of shape ({e},), got {offs.dtype} {tuple(offs.shape)}")
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx grouped_gemv: the Triton kernel needs CUDA tensors, got {x.device}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    e8m0 = sw.dtype == reference.E8M0_DTYPE
+    sw_t = sw.view(torch.uint8) if e8m0 else sw.float()
+    out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
+    if t == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = config or GROUPED_CONFIG
+    bm = block_m or grouped_block_m(t, e)
+    if bm not in (1, 2, 4, 8, 16):
+        raise ValueError(f"fp8fx grouped_gemv: block_m must be 1, 2, 4, 8 or 16, got {bm}")
+    tiles_m = max_row_tiles(t, e, bm)
+    expected_tiles = min(tiles_m, triton.cdiv(t, bm) + (0 if bm == 1 else min(e, t) // 2))
+    split = pick_split(t, n, k, cfg, num_sms(x.device), row_tiles=expected_tiles)
+    _launch(x, x, (0, 0), w, sw_t, None, out, cfg, split, bm, tiles_m, use_dot=True, x_fp8=False, static=False,
+            act_ue8m0=act_ue8m0, e8m0=e8m0, offs=offs.to(torch.int32))
     return out

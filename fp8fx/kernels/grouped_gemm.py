@@ -9,9 +9,9 @@ K in_features, BM rows per tile, nK = ceil(K / 128).
     y[T, N] = for each expert e, rows offs[e-1]:offs[e]:  dequant(a) @ dequant(b[e]).T
 
 No host synchronisation and no preparatory launches: each program derives its tile's
-(expert, first row) from offs itself (one vector load, a cumsum over experts), over a grid
-sized for the worst case, cdiv(T, BM) + E + 1 row tiles; tiles past the last one return at
-once. The tail past offs[-1] is one more pseudo-group whose tiles store zeros, so the
+(expert, first row) from offs itself (expert_tile: one vector load, a cumsum over experts),
+over a grid sized for the worst case, cdiv(T, BM) + min(E, T) + 1 row tiles; tiles past
+the last one return at once. The tail past offs[-1] is one more pseudo-group whose tiles store zeros, so the
 output needs no memset.
 
 With the kernel preference "deepgemm" (BlockFP8Config(kernel="deepgemm")), ``grouped_linear``
@@ -28,7 +28,7 @@ import triton.language as tl
 from fp8fx import reference
 from fp8fx.kernels.act_quant import act_quant, interpreting
 
-__all__ = ["grouped_gemm", "grouped_linear", "scaled_dot_k_loop"]
+__all__ = ["expert_tile", "grouped_gemm", "grouped_linear", "max_row_tiles", "scaled_dot_k_loop"]
 
 BLOCK_K = 128
 
@@ -58,6 +58,36 @@ def scaled_dot_k_loop(
 
 
 @triton.jit
+def expert_tile(offs_ptr, tile, T, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(g, row0, row_end) of row tile ``tile`` over rows sorted by expert: expert e owns
+    cdiv(rows_e, BLOCK_M) tiles, in order, from offs[E] (cumulative ends) in one vector load;
+    g == E is the tail (rows offs[E-1]:T, no expert's) and g > E a tile past the last one.
+    The tiles number at most cdiv(T, BLOCK_M) + min(E, T) + 1 (see max_row_tiles)."""
+    e_ids = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e_ids, mask=e_ids < E, other=0)
+    ends = tl.where(e_ids == E, T, ends)
+    starts = tl.load(offs_ptr + e_ids - 1, mask=(e_ids > 0) & (e_ids <= E), other=0)
+    starts = tl.where(e_ids == E, tl.load(offs_ptr + E - 1), starts)
+    tiles = tl.where(e_ids <= E, tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M), 0)
+    tile_end = tl.cumsum(tiles, 0)
+    g = tl.sum((tile_end <= tile).to(tl.int32), 0)  # groups wholly before this tile
+    pick = e_ids == g
+    first_tile = tl.sum(tl.where(pick, tile_end - tiles, 0), 0)
+    row0 = tl.sum(tl.where(pick, starts, 0), 0) + (tile - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(pick, ends, 0), 0)
+    return g, row0, row_end
+
+
+def max_row_tiles(rows: int, experts: int, block_m: int) -> int:
+    """Row tiles that expert_tile may number for ``rows`` rows over ``experts`` experts:
+    each non-empty expert (at most min(E, T) of them) adds at most one partial tile, and
+    the tail one more. The grid's row dimension; tiles past the last one return at once."""
+    if block_m == 1:
+        return rows + 1
+    return triton.cdiv(rows, block_m) + min(experts, rows) + 1
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, offs_ptr,
@@ -73,22 +103,9 @@ def _grouped_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # Tile map, from offs in one vector load: group e owns cdiv(rows_e, BLOCK_M) row tiles,
-    # in order; group E is the tail no expert owns (rows offs[E-1]:T).
-    e_ids = tl.arange(0, E_POW2)
-    ends = tl.load(offs_ptr + e_ids, mask=e_ids < E, other=0)
-    ends = tl.where(e_ids == E, T, ends)
-    starts = tl.load(offs_ptr + e_ids - 1, mask=(e_ids > 0) & (e_ids <= E), other=0)
-    starts = tl.where(e_ids == E, tl.load(offs_ptr + E - 1), starts)
-    tiles = tl.where(e_ids <= E, tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M), 0)
-    tile_end = tl.cumsum(tiles, 0)
-    g = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # groups wholly before this tile
+    g, row0, row_end = expert_tile(offs_ptr, pid_m, T, E, E_POW2, BLOCK_M)
     if g > E:  # past the last tile of this batch
         return
-    pick = e_ids == g
-    first_tile = tl.sum(tl.where(pick, tile_end - tiles, 0), 0)
-    row0 = tl.sum(tl.where(pick, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(pick, ends, 0), 0)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < row_end
@@ -156,8 +173,8 @@ def grouped_gemm(
         return out
     offs = offs.to(torch.int32)
 
-    # (3) launch: the worst case has every expert's last tile partial, plus the tail tile
-    grid = (triton.cdiv(t, block_m) + e + 1, triton.cdiv(n, block_n))
+    # (3) launch
+    grid = (max_row_tiles(t, e, block_m), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, sa, b, sb_t, out, offs,
         t, n, k, e,
@@ -205,11 +222,19 @@ def _use_deepgemm(x, qweight, act_scale, ue8m0) -> bool:
 
 
 def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
-    """CUDA implementation of fp8fx::grouped_linear: quantize x per token, grouped GEMM
-    (DeepGEMM's contiguous grouped GEMM instead when the user opted in and it loads)."""
+    """CUDA implementation of fp8fx::grouped_linear: up to dispatch.GROUPED_GEMV_MAX_ROWS rows,
+    the grouped gemv (quantizing in the kernel); beyond, quantize x per token and run the
+    tiled grouped GEMM (DeepGEMM's contiguous grouped GEMM instead when the user opted in
+    and it loads)."""
+    from fp8fx.kernels import dispatch
+
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
     if _use_deepgemm(x, qweight, act_scale, ue8m0):
         return _deepgemm_contiguous(x, qweight, wscale, offs, ue8m0)
+    if act_scale is None and tuple(block_size) == (BLOCK_K, BLOCK_K) and x.shape[0] <= dispatch.GROUPED_GEMV_MAX_ROWS:
+        from fp8fx.kernels.gemv import grouped_gemv  # few rows per expert: stream each expert's weights once
+
+        return grouped_gemv(x, qweight, wscale, offs, x.dtype, act_ue8m0=ue8m0)
     if act_scale is None:
         xq, xs = act_quant(x, ue8m0=ue8m0, group_size=block_size[1])
     else:

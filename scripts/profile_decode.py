@@ -1,0 +1,62 @@
+"""Kernel-level profile of compiled one-token decode steps with a StaticCache: bf16 compiled vs
+fp8fx compiled, on a Llama-3-8B- or Qwen3-30B-A3B-dimension model with few layers. Prints, per
+variant, the GPU time per step summed over kernels and the top kernels (time per step).
+
+    python scripts/profile_decode.py [--model llama3-8b|qwen3-moe] [--layers 4] [--batch 1]
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fp8fx
+from fp8fx.bench_e2e import MODELS, _model, _step, prefill_static_cache, rewind
+
+
+def _profile(model, fwd, label, batch, steps, rows):
+    torch.manual_seed(0)
+    context = 256
+    prompt = torch.randint(0, 1000, (batch, context), device="cuda")
+    token = torch.randint(0, 1000, (batch, 1), device="cuda")
+    with torch.inference_mode():
+        cache = prefill_static_cache(model, prompt, context + steps + 4)
+        for _ in range(3):  # compile and warm up
+            _step(fwd, token, cache)
+        rewind(cache, context)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                _step(fwd, token, cache)
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / steps
+    print(f"\n=== {label}: {total / 1000:.3f} ms of kernels per step")
+    print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        per_step = e.self_device_time_total / steps
+        calls = e.count / steps
+        print(f"{per_step:9.1f} {calls:10.1f} {per_step / max(calls, 1e-9):8.1f}  {e.key[:110]}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=16)
+    args = parser.parse_args()
+    model = _model(args.layers, args.model)
+    bf16c = torch.compile(model, dynamic=False)
+    _profile(model, bf16c, f"bf16 compiled, {args.model}, {args.layers} layers, batch {args.batch}",
+             args.batch, args.steps, args.rows)
+    torch._dynamo.reset()
+    fp8fx.quantize_(model)
+    fp8c = torch.compile(model, backend=fp8fx.backend, dynamic=False)
+    _profile(model, fp8c, f"fp8fx compiled, {args.model}, {args.layers} layers, batch {args.batch}",
+             args.batch, args.steps, args.rows)
+
+
+if __name__ == "__main__":
+    main()
