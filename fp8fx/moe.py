@@ -6,7 +6,9 @@
       weight by routing, unsort, sum over k       -> [T, H]
 
 No host synchronisation: counts come from histc, offsets from cumsum, and out-of-range
-expert ids trip a device-side assert instead of an ``.item()`` check.
+expert ids trip a device-side assert instead of an ``.item()`` check. Up to
+UNSORTED_MAX_ROWS (token, expert) pairs (decode) nothing is sorted: fp8fx::expert_linear
+reads each row's expert id itself.
 quantize_ switches a model's experts to this implementation when it converts them.
 """
 
@@ -16,6 +18,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fp8fx.tensor import BlockFP8Tensor
 
@@ -59,6 +62,11 @@ def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
             f"fp8fx: routing weights have shape {tuple(top_k_weights.shape)}, the expert ids {tuple(top_k_index.shape)}; "
             f"they must match ([tokens, top_k])"
         )
+    # A static row count only (statically_known_true adds no guard): under dynamic shapes a
+    # size test would guard and recompile.
+    few = statically_known_true(tokens * k <= UNSORTED_MAX_ROWS)
+    if few and up.act_scale is None and self.down_proj.act_scale is None:
+        return _unsorted_forward(self, up, hidden_states, top_k_index, top_k_weights)
     ids_sorted, perm, offs = sort_by_expert(top_k_index, num_experts)
     x = hidden_states[perm // k]  # [S, H], grouped by expert
 
@@ -73,6 +81,29 @@ def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
     out = torch.empty_like(y)
     out[perm] = y
     return out.view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+# Up to this many (token, expert) rows, when the count is static (eager, or a graph compiled
+# for fixed shapes, as CUDA-graph decode is), the experts run unsorted (fp8fx::expert_linear: no
+# sort, histogram, gather or scatter launches; each row streams its expert's weights, so an
+# expert shared by rows is read once per row). H200, Qwen3-30B-A3B experts: streaming per row
+# is the fastest tiling at 1-2 tokens x top-8 (bench moe --only small, block_m 1).
+UNSORTED_MAX_ROWS = 16
+
+
+def _unsorted_forward(self, up, hidden_states, top_k_index, top_k_weights):
+    tokens, hidden = hidden_states.shape
+    ids = top_k_index.reshape(-1)
+    h = torch.ops.fp8fx.expert_linear(hidden_states, ids, up.qdata, up.scale, None, list(up.block_size))
+    if getattr(self, "has_bias", False):
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    down = self.down_proj
+    y = torch.ops.fp8fx.expert_linear(h, ids, down.qdata, down.scale, None, list(down.block_size))
+    if getattr(self, "has_bias", False):
+        y = y + self.down_proj_bias[ids]
+    y = y.view(tokens, -1, hidden) * top_k_weights.unsqueeze(-1).to(y.dtype)
+    return y.sum(dim=1).to(hidden_states.dtype)
 
 
 @functools.cache

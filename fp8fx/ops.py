@@ -13,6 +13,10 @@ Legend: T tokens, N out_features, K in_features, E experts.
         -> y[..., N]                        GEMM of already quantized activations
     fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
         block_size) -> y[T, N]              MoE experts over tokens sorted by expert
+    fp8fx::expert_linear(x[T, K], expert_ids[R] int, qweight[E, N, K], wscale[E, nN, nK],
+        act_scale[E]?, block_size) -> y[R, N]
+                                        MoE experts unsorted (decode): row r is x[r // (R / T)]
+                                        through expert expert_ids[r]; R a multiple of T
     fp8fx::grouped_linear_masked(x[E, M, K], qweight[E, N, K], wscale[E, nN, nK], masked_m[E] int,
         act_scale[E]?, block_size) -> y[E, M, N]
                                         MoE experts over per-expert padded batches (decode):
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from fp8fx import reference
 
-__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear", "grouped_linear_masked"]
+__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear", "expert_linear", "grouped_linear_masked"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -212,6 +216,49 @@ def grouped_linear(
 def _(x, qweight, wscale, offs, act_scale, block_size):
     check_grouped_args(x, qweight, wscale, offs, act_scale, block_size)
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+def check_expert_args(x, expert_ids, qweight, wscale, act_scale, block_size) -> None:
+    """Validate fp8fx::expert_linear inputs (shapes and dtypes; the ids' values live on the
+    device: out-of-range ids trip a device-side assert on CUDA, a ValueError on CPU)."""
+    _check_weight(qweight, wscale, block_size, expert_dims=1)
+    e, _, k = qweight.shape
+    _check_x(x, k)
+    if x.dim() != 2:
+        raise ValueError(f"fp8fx: expert_linear takes tokens as [T, K], got shape {tuple(x.shape)}")
+    t, r = x.shape[0], expert_ids.numel()
+    if expert_ids.dim() != 1 or expert_ids.dtype not in (torch.int32, torch.int64) or (r % t if t else r):
+        raise ValueError(
+            f"fp8fx: expert_ids must be 1-D int32/int64 with a multiple of T = {t} entries (T * top_k), "
+            f"got {expert_ids.dtype} {tuple(expert_ids.shape)}"
+        )
+    if act_scale is not None and tuple(act_scale.shape) != (e,):
+        raise ValueError(f"fp8fx: a static act_scale for {e} experts has shape ({e},), got {tuple(act_scale.shape)}")
+    _check_same_device(input=x, expert_ids=expert_ids, qweight=qweight, wscale=wscale, act_scale=act_scale)
+
+
+@torch.library.custom_op("fp8fx::expert_linear", mutates_args=())
+def expert_linear(
+    x: Tensor,
+    expert_ids: Tensor,
+    qweight: Tensor,
+    wscale: Tensor,
+    act_scale: Optional[Tensor],
+    block_size: list[int],
+) -> Tensor:
+    check_expert_args(x, expert_ids, qweight, wscale, act_scale, block_size)
+    e = qweight.shape[0]
+    # No host sync on CUDA: a device-side assert (the kernel clamps ids meanwhile); on CPU it raises here.
+    torch._assert_async(((expert_ids >= 0) & (expert_ids < e)).all(), f"fp8fx: expert ids must lie in [0, {e})")
+    if x.is_cuda and _cuda("expert_linear"):
+        return _cuda("expert_linear")(x, expert_ids, qweight, wscale, act_scale, block_size)
+    return reference.expert_linear(x, expert_ids, qweight, wscale, act_scale, tuple(block_size))
+
+
+@expert_linear.register_fake
+def _(x, expert_ids, qweight, wscale, act_scale, block_size):
+    check_expert_args(x, expert_ids, qweight, wscale, act_scale, block_size)
+    return x.new_empty(expert_ids.shape[0], qweight.shape[1])
 
 
 def check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size) -> None:

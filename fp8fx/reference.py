@@ -237,6 +237,33 @@ def grouped_linear(
     return y
 
 
+def expert_linear(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    act_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """MoE experts row by row, unsorted (decode): x[T, K]; expert_ids[R] int with R a multiple
+    of T; qweight[E, N, K]; wscale[E, nN, nK]; act_scale None or [E] (static).
+    -> y[R, N] in x's dtype, y[r] = linear(x[r // (R // T)]) with expert expert_ids[r]'s weight
+    (R = T * top_k: row r is token r // top_k's r % top_k-th expert)."""
+    e, n, _ = qweight.shape
+    r = expert_ids.numel()
+    if expert_ids.dim() != 1 or (x.shape[0] and r % x.shape[0]) or (not x.shape[0] and r):
+        raise ValueError(f"expert_ids must be 1-D with a multiple of {x.shape[0]} (tokens) entries, got {tuple(expert_ids.shape)}")
+    per_token = r // x.shape[0] if x.shape[0] else 1
+    y = x.new_zeros(r, n)
+    for i in expert_ids.unique().tolist():
+        if not 0 <= i < e:
+            raise ValueError(f"expert id {i} is outside [0, {e})")
+        rows = (expert_ids == i).nonzero().flatten()
+        a = None if act_scale is None else act_scale[i]
+        y[rows] = linear(x[rows // per_token], qweight[i], wscale[i], None, a, block_size)
+    return y
+
+
 def grouped_linear_masked(
     x: torch.Tensor,
     qweight: torch.Tensor,

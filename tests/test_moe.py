@@ -58,6 +58,64 @@ def test_all_tokens_to_one_expert_and_one_token():
         assert rel_err(out, expect) < 1e-2
 
 
+def test_unsorted_decode_path_matches_sorted(monkeypatch):
+    """Up to moe.UNSORTED_MAX_ROWS rows the experts skip the sort (fp8fx::expert_linear)."""
+    from fp8fx import moe
+
+    model = _qwen3_moe()
+    fp8fx.quantize_(model)
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 256, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([[1, 4], [4, 1], [0, 7], [7, 6], [2, 3], [4, 5]])
+    weights = torch.rand(6, 2, generator=g)
+    unsorted = experts(x, ids, weights)
+    monkeypatch.setattr(moe, "UNSORTED_MAX_ROWS", 0)
+    assert rel_err(unsorted, experts(x, ids, weights)) < 1e-5
+
+
+def test_unsorted_path_in_a_static_graph():
+    """A graph compiled for a fixed small token count holds expert_linear and no sort; the
+    dynamic graph (any count) keeps the sorted grouped path."""
+    torch._dynamo.reset()
+    model = _qwen3_moe()
+    fp8fx.quantize_(model)
+    block = model.model.layers[0].mlp
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm.code)
+        return gm
+
+    with torch.no_grad():
+        for dynamic, t in ((False, 1), (True, 5)):
+            torch._dynamo.reset()
+            x = torch.randn(1, t, 256, dtype=torch.bfloat16)
+            out = torch.compile(block, backend=backend, fullgraph=True, dynamic=dynamic)(x)
+            assert rel_err(out, block(x)) < 1e-5
+    static, dynamic = graphs
+    assert "fp8fx.expert_linear" in static and "torch.sort" not in static
+    assert "fp8fx.grouped_linear" in dynamic and "fp8fx.expert_linear" not in dynamic
+
+
+def test_expert_linear_op_checks_and_reference():
+    from fp8fx import reference as R
+
+    q, s = R.quantize_weight(torch.randn(4, 64, 128) * 0.05)
+    x = torch.randn(3, 128)
+    ids = torch.tensor([2, 0, 2, 2, 3, 1])
+    y = torch.ops.fp8fx.expert_linear(x, ids, q, s, None, [128, 128])
+    for r in range(6):
+        # the same codes and scales; fp32 matmuls of different row counts may round apart
+        torch.testing.assert_close(y[r], R.linear(x[r // 2 : r // 2 + 1], q[ids[r]], s[ids[r]])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="a multiple of T = 3"):
+        torch.ops.fp8fx.expert_linear(x, ids[:5], q, s, None, [128, 128])
+    with pytest.raises(ValueError, match="1-D int32/int64"):
+        torch.ops.fp8fx.expert_linear(x, ids.float(), q, s, None, [128, 128])
+    with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, 4\)"):
+        torch.ops.fp8fx.expert_linear(x, torch.tensor([0, 1, 2, 3, 4, 0]), q, s, None, [128, 128])
+
+
 def test_bad_routing_inputs():
     model = _qwen3_moe()
     fp8fx.quantize_(model)

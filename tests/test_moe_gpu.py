@@ -90,6 +90,33 @@ def test_grouped_gemv_vs_reference(tokens, n, k, block_m, split_k):
     assert _rel(out, _exact(x, q, s, offs)) <= 2e-3
 
 
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("tokens,top_k,n,k", [(1, 8, 1536, 2048), (2, 8, 2048, 768), (3, 2, 576, 7168)])
+def test_expert_linear_vs_reference(tokens, top_k, n, k, scale_fmt):
+    """fp8fx::expert_linear (unsorted decode rows) against the reference on the GPU, heavy
+    tails and a zero token; static scales take the sorted fallback; a CUDA graph replays
+    with new routing written on the device."""
+    g = torch.Generator(device="cuda").manual_seed(tokens * 31 + n)
+    e = 32
+    q, s = R.quantize_weight(torch.randn(e, n, k, device="cuda", generator=g) * 0.02, scale_fmt=scale_fmt)
+    x = (torch.distributions.StudentT(2.0).sample((tokens, k))).to("cuda", torch.bfloat16)
+    x[0, :128] = 0.0
+    ids = torch.rand(tokens, e, device="cuda", generator=g).topk(top_k, dim=-1).indices.reshape(-1)
+    ids[-1] = ids[0]  # an expert picked twice
+    run = lambda: torch.ops.fp8fx.expert_linear(x, ids, q, s, None, [128, 128])  # noqa: E731
+    y = run()
+    assert _rel(y, R.expert_linear(x.float(), ids, q, s).double()) <= 2e-3
+    act = torch.full((e,), 0.05, device="cuda")
+    y_static = torch.ops.fp8fx.expert_linear(x, ids, q, s, act, [128, 128])
+    assert _rel(y_static, R.expert_linear(x.float(), ids, q, s, act).double()) <= 2e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    ids.copy_(torch.rand(tokens, e, device="cuda", generator=g).topk(top_k, dim=-1).indices.reshape(-1))
+    graph.replay()
+    assert _rel(out, R.expert_linear(x.float(), ids, q, s).double()) <= 2e-3
+
+
 def test_tail_rows_zero_and_static_scales():
     g = torch.Generator(device="cuda").manual_seed(3)
     q, s = R.quantize_weight(torch.randn(3, 256, 512, device="cuda", generator=g))

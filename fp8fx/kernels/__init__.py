@@ -26,6 +26,7 @@ __all__ = [
     "act_quant_cuda",
     "block_gemm_cuda",
     "grouped_linear_cuda",
+    "expert_linear_cuda",
     "prepared_weight_scale",
 ]
 
@@ -178,6 +179,22 @@ def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
     return grouped_linear(x.contiguous(), qweight, wscale, offs, act_scale, block_size)
 
 
+def expert_linear_cuda(x, expert_ids, qweight, wscale, act_scale, block_size):
+    """CUDA fp8fx::expert_linear: the gemv kernel reading each row's expert id (dynamic
+    activation scales); static scales or other blocks sort the rows and run grouped_linear."""
+    from fp8fx.kernels.gemv import expert_gemv
+    from fp8fx.moe import sort_by_expert
+
+    _check_cuda(x, expert_ids, qweight, wscale, act_scale)
+    if act_scale is None and list(block_size) == _BLOCK:
+        ue8m0 = wscale.dtype == torch.float8_e8m0fnu
+        return expert_gemv(x.contiguous(), expert_ids, qweight, wscale, act_ue8m0=ue8m0)
+    per_token = expert_ids.numel() // max(x.shape[0], 1)
+    _, perm, offs = sort_by_expert(expert_ids, qweight.shape[0])
+    y = grouped_linear_cuda(x[perm // per_token], qweight, wscale, offs, act_scale, block_size)
+    return torch.empty_like(y).index_copy_(0, perm, y)
+
+
 def register() -> None:
     """Install the CUDA implementations into fp8fx.ops._cuda_impl (idempotent)."""
     from fp8fx import ops
@@ -185,5 +202,5 @@ def register() -> None:
 
     ops._cuda_impl.update(
         linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, grouped_linear=grouped_linear_cuda,
-        grouped_linear_masked=grouped_linear_masked_cuda,
+        expert_linear=expert_linear_cuda, grouped_linear_masked=grouped_linear_masked_cuda,
     )

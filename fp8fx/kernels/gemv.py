@@ -57,7 +57,7 @@ from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_gri
 from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 
-__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "gemv", "grouped_block_m", "grouped_gemv", "pick_split"]
+__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "expert_gemv", "gemv", "grouped_block_m", "grouped_gemv", "pick_split"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
 DOT_COLS = 16  # tl.dot's smallest N
@@ -158,6 +158,7 @@ def _gemv_kernel(
     W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
+    ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -170,7 +171,17 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
-    if GROUPED:
+    if ROW_IDS:
+        # One row per program (expert_gemv): its expert id, clamped into range (the wrapper
+        # asserts the ids on the device; memory stays in bounds before that fires).
+        g = tl.minimum(tl.maximum(tl.load(offs_ptr + pid_m).to(tl.int32), 0), E - 1)
+        row0 = pid_m
+        row_end = pid_m + 1
+        tok = row0 + cols // (COLS // BLOCK_M)
+        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
+        w_ptr += g.to(tl.int64) * stride_we
+        sw_ptr += g.to(tl.int64) * stride_swe
+    elif GROUPED:
         # Rows sorted by expert (grouped_gemv): this row tile's expert g and rows row0:row_end.
         g, row0, row_end = expert_tile(offs_ptr, pid_m, M, E, E_POW2, BLOCK_M)
         if g > E:  # past the last tile
@@ -194,7 +205,7 @@ def _gemv_kernel(
     # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
+    x_ptrs = x_ptr + (offs_m // ROW_DIV)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
     sx_ptrs = sx_ptr + offs_m * stride_sxm
     if BLOCK_N <= 128:
         sw_ptrs = sw_ptr + (pid_n * BLOCK_N // 128) * stride_swn  # one weight block row
@@ -403,10 +414,11 @@ def gemv(
 
 
 def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_m, *, use_dot, x_fp8, static,
-            act_ue8m0, e8m0, offs=None):
+            act_ue8m0, e8m0, offs=None, row_ids=False):
     """One _gemv_kernel launch; w [N, K] / sw_t [nN, nK], or with ``offs`` [E] (grouped)
-    w [E, N, K] / sw_t [E, nN, nK] and ``tiles_m`` the grid's row-tile bound."""
-    m, k = x.shape
+    w [E, N, K] / sw_t [E, nN, nK] and ``tiles_m`` the grid's row-tile bound; ``row_ids``:
+    ``offs`` is instead each output row's expert id (out has M rows, x M / ROW_DIV)."""
+    m, k = out.shape[0], x.shape[1]
     n = out.shape[1]
     grouped = offs is not None
     n_kb = triton.cdiv(k, BLOCK_K)
@@ -423,7 +435,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     pdl = cfg.pdl and not interpreting() and not grouped
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
-        m, n, k, per_split, split, offs.numel() if grouped else 0,
+        m, n, k, per_split, split, w.shape[0] if grouped else 0,
         x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
         out.stride(0), part.stride(0) if split > 1 else 0,
         X_FP8=x_fp8, STATIC_ACT=static, ACT_UE8M0=act_ue8m0,
@@ -431,7 +443,8 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         USE_DOT=use_dot, EXACT_CAST=interpreting(),
         PDL=pdl, PREFETCH=0 if interpreting() or grouped else cfg.prefetch,
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
-        GROUPED=grouped, E_POW2=triton.next_power_of_2(offs.numel() + 1) if grouped else 1,
+        GROUPED=grouped and not row_ids, E_POW2=triton.next_power_of_2(w.shape[0] + 1) if grouped else 1,
+        ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -498,4 +511,49 @@ def grouped_gemv(
     split = pick_split(t, n, k, cfg, num_sms(x.device), row_tiles=expected_tiles)
     _launch(x, x, (0, 0), w, sw_t, None, out, cfg, split, bm, tiles_m, use_dot=True, x_fp8=False, static=False,
             act_ue8m0=act_ue8m0, e8m0=e8m0, offs=offs.to(torch.int32))
+    return out
+
+
+def expert_gemv(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+) -> torch.Tensor:
+    """y[R, N]: row r is x[r // (R / T)] (x [T, K] bf16/fp16/fp32, quantized in the kernel)
+    times expert expert_ids[r]'s w (N x K).T, block-FP8; rows unsorted, one program per row
+    and N tile (with split-K): MoE decode without sorting the routing (fp8fx::expert_linear).
+    An expert picked by several rows is streamed once per row: for a handful of rows only.
+    Ids are clamped into [0, E) in the kernel; fp8fx::expert_linear asserts them first."""
+    if x.dim() != 2 or w.dim() != 3 or w.shape[0] == 0 or expert_ids.dim() != 1:
+        raise ValueError(f"fp8fx expert_gemv: expected x[T, K], expert_ids[R] and w[E, N, K] with E >= 1, got "
+                         f"{tuple(x.shape)}, {tuple(expert_ids.shape)}, {tuple(w.shape)}")
+    e = w.shape[0]
+    if sw.dim() != 3 or sw.shape[0] != e:
+        raise ValueError(f"fp8fx expert_gemv: weight scales must be [E, nN, nK] with E = {e}, got {tuple(sw.shape)}")
+    t, n, k = check_operands("expert_gemv", x, w[0], sw[0], None, expert_ids)
+    r = expert_ids.numel()
+    if (r % t if t else r) or expert_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fp8fx expert_gemv: expert_ids must be int32/int64 with a multiple of T = {t} entries, "
+                         f"got {expert_ids.dtype} {tuple(expert_ids.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fp8fx expert_gemv: x must be bf16/fp16/fp32 (it is quantized in the kernel), got {x.dtype}")
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx expert_gemv: the Triton kernel needs CUDA tensors, got {x.device}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    e8m0 = sw.dtype == reference.E8M0_DTYPE
+    sw_t = sw.view(torch.uint8) if e8m0 else sw.float()
+    out = torch.empty(r, n, dtype=out_dtype or x.dtype, device=x.device)
+    if r == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = config or GROUPED_CONFIG
+    split = pick_split(r, n, k, cfg, num_sms(x.device), row_tiles=r)
+    _launch(x, x, (0, 0), w, sw_t, None, out, cfg, split, 1, r, use_dot=True, x_fp8=False, static=False,
+            act_ue8m0=act_ue8m0, e8m0=e8m0, offs=expert_ids.contiguous(), row_ids=True)
     return out
