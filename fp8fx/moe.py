@@ -94,12 +94,15 @@ UNSORTED_MAX_ROWS = 16
 def _unsorted_forward(self, up, hidden_states, top_k_index, top_k_weights):
     tokens, hidden = hidden_states.shape
     ids = top_k_index.reshape(-1)
-    h = torch.ops.fp8fx.expert_linear(hidden_states, ids, up.qdata, up.scale, None, list(up.block_size))
+    num_experts = up.shape[0]
+    # One check for both projections, in this (traced) code where Inductor fuses it.
+    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})")
+    h = torch.ops.fp8fx.expert_linear(hidden_states, ids, up.qdata, up.scale, None, list(up.block_size), False)
     if getattr(self, "has_bias", False):
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     down = self.down_proj
-    y = torch.ops.fp8fx.expert_linear(h, ids, down.qdata, down.scale, None, list(down.block_size))
+    y = torch.ops.fp8fx.expert_linear(h, ids, down.qdata, down.scale, None, list(down.block_size), False)
     if getattr(self, "has_bias", False):
         y = y + self.down_proj_bias[ids]
     y = y.view(tokens, -1, hidden) * top_k_weights.unsqueeze(-1).to(y.dtype)

@@ -14,7 +14,7 @@ Legend: T tokens, N out_features, K in_features, E experts.
     fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
         block_size) -> y[T, N]              MoE experts over tokens sorted by expert
     fp8fx::expert_linear(x[T, K], expert_ids[R] int, qweight[E, N, K], wscale[E, nN, nK],
-        act_scale[E]?, block_size) -> y[R, N]
+        act_scale[E]?, block_size, check_ids=True) -> y[R, N]
                                         MoE experts unsorted (decode): row r is x[r // (R / T)]
                                         through expert expert_ids[r]; R a multiple of T
     fp8fx::grouped_linear_masked(x[E, M, K], qweight[E, N, K], wscale[E, nN, nK], masked_m[E] int,
@@ -245,18 +245,22 @@ def expert_linear(
     wscale: Tensor,
     act_scale: Optional[Tensor],
     block_size: list[int],
+    check_ids: bool = True,
 ) -> Tensor:
     check_expert_args(x, expert_ids, qweight, wscale, act_scale, block_size)
     e = qweight.shape[0]
-    # No host sync on CUDA: a device-side assert (the kernel clamps ids meanwhile); on CPU it raises here.
-    torch._assert_async(((expert_ids >= 0) & (expert_ids < e)).all(), f"fp8fx: expert ids must lie in [0, {e})")
+    if check_ids or not x.is_cuda:
+        # No host sync on CUDA: a device-side assert (the kernel clamps ids meanwhile); on CPU
+        # it raises here. check_ids=False: the caller asserted these ids already in its own
+        # graph, where Inductor fuses the check (the experts forward does, once per layer).
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < e)).all(), f"fp8fx: expert ids must lie in [0, {e})")
     if x.is_cuda and _cuda("expert_linear"):
         return _cuda("expert_linear")(x, expert_ids, qweight, wscale, act_scale, block_size)
     return reference.expert_linear(x, expert_ids, qweight, wscale, act_scale, tuple(block_size))
 
 
 @expert_linear.register_fake
-def _(x, expert_ids, qweight, wscale, act_scale, block_size):
+def _(x, expert_ids, qweight, wscale, act_scale, block_size, check_ids=True):
     check_expert_args(x, expert_ids, qweight, wscale, act_scale, block_size)
     return x.new_empty(expert_ids.shape[0], qweight.shape[1])
 
