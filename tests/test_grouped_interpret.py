@@ -126,6 +126,15 @@ def test_grouped_gemv_bad_input():
         grouped_gemv(x.to(torch.float8_e4m3fn), q, s, torch.tensor([2, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="a has K=64, b has K=128"):
         grouped_gemv(torch.zeros(4, 64), q, s, torch.tensor([2, 4], dtype=torch.int32))
+    from fp8fx.kernels.gemv import expert_gemv
+
+    with pytest.raises(ValueError, match="expert_ids must be 1-D"):
+        expert_gemv(x, torch.zeros(4, 2, dtype=torch.int64), q, s)
+    with pytest.raises(ValueError, match="a multiple of T = 4 entries"):
+        expert_gemv(x, torch.zeros(6, dtype=torch.int64), q, s)
+    if not INTERPRET_INNER:
+        with pytest.raises(RuntimeError, match="expert_gemv: the Triton kernel needs CUDA tensors"):
+            expert_gemv(x, torch.zeros(8, dtype=torch.int64), q, s)
 
 
 def test_grouped_block_m_rule():

@@ -465,6 +465,29 @@ def grouped_block_m(rows: int, experts: int) -> int:
     return 1 if per_expert <= 1.3 else 2 if per_expert <= 2.6 else 16
 
 
+def _expert_operands(name: str, x, w, sw, index):
+    """The checks and operand preparation the per-expert wrappers share: x[T, K] bf16/fp16/fp32
+    (quantized in the kernel), w[E, N, K] fp8 with sw[E, nN, nK] fp32/e8m0, ``index`` (offs or
+    ids) on the same device. Returns (x, w, sw_t, e8m0) with K-contiguous x and w and the
+    scales as the kernel reads them. The caller checks its index, then _check_device."""
+    if x.dim() != 2 or w.dim() != 3 or w.shape[0] == 0:
+        raise ValueError(f"fp8fx {name}: expected x[T, K] and w[E, N, K] with E >= 1, got {tuple(x.shape)}, {tuple(w.shape)}")
+    e = w.shape[0]
+    if sw.dim() != 3 or sw.shape[0] != e:
+        raise ValueError(f"fp8fx {name}: weight scales must be [E, nN, nK] with E = {e}, got {tuple(sw.shape)}")
+    check_operands(name, x, w[0], sw[0], None, index)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fp8fx {name}: x must be bf16/fp16/fp32 (it is quantized in the kernel), got {x.dtype}")
+    e8m0 = sw.dtype == reference.E8M0_DTYPE
+    return (x if x.stride(-1) == 1 else x.contiguous(), w if w.stride(-1) == 1 else w.contiguous(),
+            sw.view(torch.uint8) if e8m0 else sw.float(), e8m0)
+
+
+def _check_device(name: str, x: torch.Tensor) -> None:
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"fp8fx {name}: the Triton kernel needs CUDA tensors, got {x.device}")
+
+
 def grouped_gemv(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -481,22 +504,11 @@ def grouped_gemv(
     expert's weights once per row tile (``block_m`` rows; default grouped_block_m) with
     split-K, quantizing x (bf16/fp16/fp32) per 1 x 128 group in the kernel.
     w fp8 [E, N, K], sw fp32 or e8m0 [E, ceil(N/128), ceil(K/128)], offs int [E]."""
-    if x.dim() != 2 or w.dim() != 3 or w.shape[0] == 0:
-        raise ValueError(f"fp8fx grouped_gemv: expected x[T, K] and w[E, N, K] with E >= 1, got {tuple(x.shape)}, {tuple(w.shape)}")
-    e = w.shape[0]
-    if sw.dim() != 3 or sw.shape[0] != e:
-        raise ValueError(f"fp8fx grouped_gemv: weight scales must be [E, nN, nK] with E = {e}, got {tuple(sw.shape)}")
-    t, n, k = check_operands("grouped_gemv", x, w[0], sw[0], None, offs)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"fp8fx grouped_gemv: x must be bf16/fp16/fp32 (it is quantized in the kernel), got {x.dtype}")
+    x, w, sw_t, e8m0 = _expert_operands("grouped_gemv", x, w, sw, offs)
+    (t, k), (e, n, _) = x.shape, w.shape
     if tuple(offs.shape) != (e,) or offs.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp8fx grouped_gemv: offs must be int32/int64 of shape ({e},), got {offs.dtype} {tuple(offs.shape)}")
-    if not (x.is_cuda or interpreting()):
-        raise RuntimeError(f"fp8fx grouped_gemv: the Triton kernel needs CUDA tensors, got {x.device}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    e8m0 = sw.dtype == reference.E8M0_DTYPE
-    sw_t = sw.view(torch.uint8) if e8m0 else sw.float()
+    _check_device("grouped_gemv", x)
     out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     if t == 0 or n == 0:
         return out
@@ -528,25 +540,14 @@ def expert_gemv(
     and N tile (with split-K): MoE decode without sorting the routing (fp8fx::expert_linear).
     An expert picked by several rows is streamed once per row: for a handful of rows only.
     Ids are clamped into [0, E) in the kernel; fp8fx::expert_linear asserts them first."""
-    if x.dim() != 2 or w.dim() != 3 or w.shape[0] == 0 or expert_ids.dim() != 1:
-        raise ValueError(f"fp8fx expert_gemv: expected x[T, K], expert_ids[R] and w[E, N, K] with E >= 1, got "
-                         f"{tuple(x.shape)}, {tuple(expert_ids.shape)}, {tuple(w.shape)}")
-    e = w.shape[0]
-    if sw.dim() != 3 or sw.shape[0] != e:
-        raise ValueError(f"fp8fx expert_gemv: weight scales must be [E, nN, nK] with E = {e}, got {tuple(sw.shape)}")
-    t, n, k = check_operands("expert_gemv", x, w[0], sw[0], None, expert_ids)
-    r = expert_ids.numel()
+    if expert_ids.dim() != 1:
+        raise ValueError(f"fp8fx expert_gemv: expert_ids must be 1-D, got shape {tuple(expert_ids.shape)}")
+    x, w, sw_t, e8m0 = _expert_operands("expert_gemv", x, w, sw, expert_ids)
+    (t, k), n, r = x.shape, w.shape[1], expert_ids.numel()
     if (r % t if t else r) or expert_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp8fx expert_gemv: expert_ids must be int32/int64 with a multiple of T = {t} entries, "
                          f"got {expert_ids.dtype} {tuple(expert_ids.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"fp8fx expert_gemv: x must be bf16/fp16/fp32 (it is quantized in the kernel), got {x.dtype}")
-    if not (x.is_cuda or interpreting()):
-        raise RuntimeError(f"fp8fx expert_gemv: the Triton kernel needs CUDA tensors, got {x.device}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    e8m0 = sw.dtype == reference.E8M0_DTYPE
-    sw_t = sw.view(torch.uint8) if e8m0 else sw.float()
+    _check_device("expert_gemv", x)
     out = torch.empty(r, n, dtype=out_dtype or x.dtype, device=x.device)
     if r == 0 or n == 0:
         return out
