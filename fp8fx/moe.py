@@ -31,12 +31,29 @@ def _grouped(x: torch.Tensor, w: BlockFP8Tensor, offs: torch.Tensor) -> torch.Te
     return torch.ops.fp8fx.grouped_linear(x, w.qdata, w.scale, offs, w.act_scale, list(w.block_size))
 
 
+def _assert_ids(ids: torch.Tensor, num_experts: int) -> None:
+    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})")
+
+
+def _expert_mlp(self, x, up, row_experts, project):
+    """up projection, bias, gate, down projection, bias over rows whose experts are
+    ``row_experts``; ``project(x, weight)`` is the grouped or the unsorted block-FP8 GEMM."""
+    h = project(x, up)
+    if getattr(self, "has_bias", False):
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[row_experts]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = project(h, self.down_proj)
+    if getattr(self, "has_bias", False):
+        y = y + self.down_proj_bias[row_experts]
+    return y
+
+
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int):
     """expert_ids [*L] int -> (ids_sorted [S], perm [S], offs [E] int32), S = prod(L): the
     (token, expert) pairs in expert order and each expert's cumulative end row. No host sync;
     an id outside [0, num_experts) trips a device-side assert."""
     ids = expert_ids.reshape(-1)
-    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})")
+    _assert_ids(ids, num_experts)
     ids_sorted, perm = torch.sort(ids)
     # histc takes floats on CPU; on CUDA ints keep it exact and graph-capturable.
     counts_in = ids_sorted.float() if ids_sorted.device.type == "cpu" else ids_sorted.int()
@@ -69,14 +86,7 @@ def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
         return _unsorted_forward(self, up, hidden_states, top_k_index, top_k_weights)
     ids_sorted, perm, offs = sort_by_expert(top_k_index, num_experts)
     x = hidden_states[perm // k]  # [S, H], grouped by expert
-
-    h = _grouped(x, up, offs)
-    if getattr(self, "has_bias", False):
-        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids_sorted]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    y = _grouped(h, self.down_proj, offs)
-    if getattr(self, "has_bias", False):
-        y = y + self.down_proj_bias[ids_sorted]
+    y = _expert_mlp(self, x, up, ids_sorted, lambda a, w: _grouped(a, w, offs))
     y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
     out = torch.empty_like(y)
     out[perm] = y
@@ -94,17 +104,14 @@ UNSORTED_MAX_ROWS = 16
 def _unsorted_forward(self, up, hidden_states, top_k_index, top_k_weights):
     tokens, hidden = hidden_states.shape
     ids = top_k_index.reshape(-1)
-    num_experts = up.shape[0]
-    # One check for both projections, in this (traced) code where Inductor fuses it.
-    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"fp8fx: expert ids must lie in [0, {num_experts})")
-    h = torch.ops.fp8fx.expert_linear(hidden_states, ids, up.qdata, up.scale, None, list(up.block_size), False)
-    if getattr(self, "has_bias", False):
-        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    down = self.down_proj
-    y = torch.ops.fp8fx.expert_linear(h, ids, down.qdata, down.scale, None, list(down.block_size), False)
-    if getattr(self, "has_bias", False):
-        y = y + self.down_proj_bias[ids]
+    # One check for both projections, in this (traced) code where Inductor fuses it; the op
+    # calls skip theirs (check_ids=False).
+    _assert_ids(ids, up.shape[0])
+
+    def project(a, w):
+        return torch.ops.fp8fx.expert_linear(a, ids, w.qdata, w.scale, None, list(w.block_size), False)
+
+    y = _expert_mlp(self, hidden_states, up, ids, project)
     y = y.view(tokens, -1, hidden) * top_k_weights.unsqueeze(-1).to(y.dtype)
     return y.sum(dim=1).to(hidden_states.dtype)
 
