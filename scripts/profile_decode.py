@@ -8,13 +8,14 @@ variant, the GPU time per step summed over kernels and the top kernels (time per
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import fp8fx
 from fp8fx.bench_e2e import MODELS, _model, _step, prefill_static_cache, rewind
 
 
-def _profile(model, fwd, label, batch, steps, rows):
+def _profile(model, fwd, label, batch, steps, rows, trace=False):
     torch.manual_seed(0)
     context = 256
     prompt = torch.randint(0, 1000, (batch, context), device="cuda")
@@ -37,6 +38,15 @@ def _profile(model, fwd, label, batch, steps, rows):
         per_step = e.self_device_time_total / steps
         calls = e.count / steps
         print(f"{per_step:9.1f} {calls:10.1f} {per_step / max(calls, 1e-9):8.1f}  {e.key[:110]}")
+    if trace:  # the last step's kernels in launch order
+        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+        last = kernels[-(len(kernels) // steps):]
+        print(f"\n--- {label}: the last step's {len(last)} kernels in order (us, gap before in us)")
+        prev_end = None
+        for e in last:
+            gap = "" if prev_end is None else f"{e.time_range.start - prev_end:6.1f}"
+            print(f"{e.time_range.elapsed_us():8.1f} {gap:>6}  {e.name[:100]}")
+            prev_end = e.time_range.end
 
 
 def main():
@@ -46,16 +56,17 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--trace", action="store_true", help="also print the last step's kernels in order")
     args = parser.parse_args()
     model = _model(args.layers, args.model)
     bf16c = torch.compile(model, dynamic=False)
     _profile(model, bf16c, f"bf16 compiled, {args.model}, {args.layers} layers, batch {args.batch}",
-             args.batch, args.steps, args.rows)
+             args.batch, args.steps, args.rows, args.trace)
     torch._dynamo.reset()
     fp8fx.quantize_(model)
     fp8c = torch.compile(model, backend=fp8fx.backend, dynamic=False)
     _profile(model, fp8c, f"fp8fx compiled, {args.model}, {args.layers} layers, batch {args.batch}",
-             args.batch, args.steps, args.rows)
+             args.batch, args.steps, args.rows, args.trace)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,54 @@ def test_gemv_auto_config_and_edges():
     assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
 
 
+@interpreted
+@pytest.mark.parametrize("ns", [(144, 16, 200), (64, 144)])
+@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "dot_n256_split2", "fma_n32_split2"])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_gemv_cat(ns, cfg_name, scale_fmt):
+    """One launch over 2-3 weights (q/k/v, gate/up) is torch.cat of the single gemvs, bit for
+    bit (same config and split: every tile computes the same sums), for fp8 input with
+    column-major scales and bf16 input quantized in the kernel; N not multiples of BLOCK_N."""
+    from fp8fx.kernels.gemv import GemvConfig, gemv, gemv_cat
+
+    cfg = GemvConfig(**GEMV_CONFIGS[cfg_name])
+    k = 400
+    weights = [_weight(n, k, scale_fmt, seed=n + i) for i, n in enumerate(ns)]
+    ws, ss = [w for w, _ in weights], [s for _, s in weights]
+    for m in (1, 3) if cfg.use_dot else (1,):
+        x = _gemv_x(m, k, torch.bfloat16, seed=m + len(ns))
+        xq, xs = reference.quantize_act(x, 128, scale_fmt)
+        biases = [torch.randn(n) for n in ns] if m == 3 else None
+        for xin, sin in ((xq, xs.t().contiguous().t()), (x, None)):
+            y = gemv_cat(xin, sin, ws, ss, biases, torch.float32, config=cfg, act_ue8m0=scale_fmt == "ue8m0")
+            parts = [gemv(xin, sin, w, s, None if biases is None else biases[i], torch.float32, config=cfg,
+                          act_ue8m0=scale_fmt == "ue8m0") for i, (w, s) in enumerate(weights)]
+            assert y.shape == (m, sum(ns))
+            assert torch.equal(y, torch.cat(parts, -1)), (m, xin.dtype)
+            exact = torch.cat([_exact(xq, xs, w, s, None if biases is None else biases[i])
+                               for i, (w, s) in enumerate(weights)], -1)
+            assert _rel(y, exact) < 1e-5
+    from fp8fx.kernels import gemv as gemv_mod
+
+    if cfg.split_k > 1:
+        assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
+
+
+@interpreted
+def test_gemv_cat_default_config_and_edges():
+    from fp8fx.kernels.gemv import gemv_cat
+
+    (w0, s0), (w1, s1) = _weight(256, 512, "float32", seed=1), _weight(128, 512, "float32", seed=2)
+    x = _gemv_x(2, 512, torch.bfloat16, seed=3)
+    xq, xs = reference.quantize_act(x)
+    y = gemv_cat(xq, xs, [w0, w1], [s0, s1], None, torch.bfloat16)  # dispatch.gemv_config of (2, 384, 512)
+    exact = torch.cat([_exact(xq, xs, w0, s0, None), _exact(xq, xs, w1, s1, None)], -1)
+    assert y.dtype == torch.bfloat16 and _rel(y, exact) < 2**-7
+    assert gemv_cat(xq[:0], xs[:0], [w0, w1], [s0, s1]).shape == (0, 384)
+    y1 = gemv_cat(xq, xs, [w0], [s0], None, torch.float32)  # one weight: gemv
+    assert _rel(y1, _exact(xq, xs, w0, s0, None)) < 1e-5
+
+
 # --- no kernel launch: both processes -------------------------------------------------------
 
 
@@ -456,6 +504,19 @@ def test_bad_inputs():
         gemv(torch.randn(1, 48), None, wq, ws, torch.zeros(31))
     with pytest.raises(RuntimeError, match="several devices"):
         gemv(torch.randn(1, 48), None, wq.to("meta"), ws.to("meta"), None)
+    from fp8fx.kernels.gemv import gemv_cat
+
+    w2, s2 = _weight(16, 64, "float32", seed=1)
+    with pytest.raises(ValueError, match="a has K=48, b has K=64"):
+        gemv_cat(xq[:1], xs[:1], [wq, w2], [ws, s2])
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        gemv_cat(xq[:1], xs[:1], [wq] * 4, [ws] * 4)
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        gemv_cat(xq[:1], xs[:1], [], [])
+    with pytest.raises(ValueError, match="every weight or for none"):
+        gemv_cat(xq[:1], xs[:1], [wq, wq], [ws, ws], [torch.zeros(32), None])
+    with pytest.raises(TypeError, match="share one dtype"):
+        gemv_cat(xq[:1], xs[:1], [wq, wq], [ws, ws.to(reference.E8M0_DTYPE)])
     if not INNER:
         with pytest.raises(RuntimeError, match="CUDA"):
             act_quant(torch.randn(4, 48))

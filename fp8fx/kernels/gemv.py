@@ -57,7 +57,8 @@ from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_gri
 from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 
-__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "expert_gemv", "gemv", "grouped_block_m", "grouped_gemv", "pick_split"]
+__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
+           "grouped_block_m", "grouped_gemv", "pick_split"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
 DOT_COLS = 16  # tl.dot's smallest N
@@ -148,8 +149,9 @@ def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_
 def _gemv_kernel(
     # pointers
     x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, offs_ptr,
+    w1_ptr, sw1_ptr, bias1_ptr, w2_ptr, sw2_ptr, bias2_ptr,
     # shapes
-    M, N, K, KB_PER_SPLIT, SPLIT_K, E,
+    M, N, K, KB_PER_SPLIT, SPLIT_K, E, N_A, N_B,
     # strides
     stride_xm, stride_sxm, stride_sxk, stride_we, stride_wn, stride_swe, stride_swn, stride_swk,
     stride_ym, stride_ps,
@@ -158,19 +160,46 @@ def _gemv_kernel(
     W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
-    ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr,
+    ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr, NUM_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
 
+    # NUM_W > 1 (gemv_cat): the N tiles walk weight 0's (N_A rows), then weight 1's (N_B),
+    # then weight 2's (the rest of N), each written at its column offset of y[M, N]. A tile
+    # never straddles two weights: tile_n and n_here are the tile and row count in its weight.
+    tile_n = pid_n
+    n_here = N
+    if NUM_W > 1:
+        tiles_a = tl.cdiv(N_A, BLOCK_N)
+        n_here = N_A
+        if pid_n >= tiles_a:
+            tile_n = pid_n - tiles_a
+            n_here = N_B
+            y_ptr += N_A
+            part_ptr += N_A
+            w_ptr = w1_ptr
+            sw_ptr = sw1_ptr
+            bias_ptr = bias1_ptr
+            if NUM_W > 2:
+                tiles_b = tl.cdiv(N_B, BLOCK_N)
+                if tile_n >= tiles_b:
+                    tile_n = tile_n - tiles_b
+                    n_here = N - N_A - N_B
+                    y_ptr += N_B
+                    part_ptr += N_B
+                    w_ptr = w2_ptr
+                    sw_ptr = sw2_ptr
+                    bias_ptr = bias2_ptr
+
     # Columns of the accumulator: COLS = 16 (tl.dot) holding each of the BM token rows
     # COLS / BM times, or COLS = BM = 1 for the FMA path.
     cols = tl.arange(0, COLS)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
+    n_ok = offs_n < n_here
     if ROW_IDS:
         # One row per program (expert_gemv): its expert id, clamped into range (the wrapper
         # asserts the ids on the device; memory stays in bounds before that fires).
@@ -208,7 +237,7 @@ def _gemv_kernel(
     x_ptrs = x_ptr + (offs_m // ROW_DIV)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
     sx_ptrs = sx_ptr + offs_m * stride_sxm
     if BLOCK_N <= 128:
-        sw_ptrs = sw_ptr + (pid_n * BLOCK_N // 128) * stride_swn  # one weight block row
+        sw_ptrs = sw_ptr + (tile_n * BLOCK_N // 128) * stride_swn  # one weight block row
     else:
         sw_ptrs = sw_ptr + (rn // 128) * stride_swn
 
@@ -363,15 +392,49 @@ def gemv(
     x fp8 with sx[M, nK] fp32 (any strides) or one value: already quantized.
     w fp8 with sw[nN, nK] fp32 or e8m0. Any M works; it is made for M <= 16.
     """
+    return _gemv("gemv", x, sx, [w], [sw], [bias], out_dtype, config, act_ue8m0)
+
+
+MAX_CAT = 3  # weights one gemv_cat launch takes
+
+
+def gemv_cat(
+    x: torch.Tensor,
+    sx: torch.Tensor | None,
+    ws: list[torch.Tensor],
+    sws: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+) -> torch.Tensor:
+    """y[M, N0 + N1 (+ N2)] = torch.cat([gemv(x, sx, ws[i], sws[i], biases[i]) ...], -1) in
+    one launch: 1 to MAX_CAT weights that read the same activations (q/k/v, gate/up), each
+    tile streaming one weight's rows and writing its columns of y. Same inputs as gemv; the
+    weights share K and the scale dtype, and every bias is given or none is. The config
+    and split-K are those of the concatenated shape (M, sum N_i, K)."""
+    if not 1 <= len(ws) <= MAX_CAT or len(sws) != len(ws):
+        raise ValueError(f"fp8fx gemv_cat: 1 to {MAX_CAT} weights with one scale each, got {len(ws)} and {len(sws)}")
+    biases = [None] * len(ws) if biases is None else list(biases)
+    if len(biases) != len(ws) or len({b is None for b in biases}) > 1:
+        raise ValueError("fp8fx gemv_cat: give a bias for every weight or for none")
+    if len({sw.dtype for sw in sws}) > 1:
+        raise TypeError(f"fp8fx gemv_cat: the weight scales must share one dtype, got {[sw.dtype for sw in sws]}")
+    return _gemv("gemv_cat", x, sx, ws, sws, biases, out_dtype, config, act_ue8m0)
+
+
+def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.Tensor:
     from fp8fx.kernels import dispatch  # the measured config per shape lives there
 
     # (1) check
-    m, n, k = check_operands("gemv", x, w, sw, bias, sx)
+    for w, sw, bias in zip(ws, sws, biases):
+        m, _, k = check_operands(name, x, w, sw, bias, sx)
+    n = sum(w.shape[0] for w in ws)
     x_fp8 = x.dtype == reference.FP8_DTYPE
     if not x_fp8 and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"fp8fx gemv: x must be fp8 e4m3 or bf16/fp16/fp32, got {x.dtype}")
+        raise TypeError(f"fp8fx {name}: x must be fp8 e4m3 or bf16/fp16/fp32, got {x.dtype}")
     if x_fp8 and sx is None:
-        raise ValueError("fp8fx gemv: fp8 x needs its scales sx")
+        raise ValueError(f"fp8fx {name}: fp8 x needs its scales sx")
     n_kb = triton.cdiv(k, BLOCK_K)
     # One value is a static per-tensor scale, unless it is fp8 x's [1, 1] per-group scale.
     static = sx is not None and sx.numel() == 1 and not (x_fp8 and tuple(sx.shape) == (m, n_kb))
@@ -381,22 +444,22 @@ def gemv(
         sx_t, stride_sxm, stride_sxk = sx.reshape(()).float(), 0, 0
     else:
         if not x_fp8 or tuple(sx.shape) != (m, n_kb) or sx.dtype != torch.float32:
-            raise ValueError(f"fp8fx gemv: activation scale must be fp32 ({m}, {n_kb}) for fp8 x, or one static value; got {sx.dtype} {tuple(sx.shape)}")
+            raise ValueError(f"fp8fx {name}: activation scale must be fp32 ({m}, {n_kb}) for fp8 x, or one static value; got {sx.dtype} {tuple(sx.shape)}")
         sx_t, stride_sxm, stride_sxk = sx, sx.stride(0), sx.stride(1)
-    if not (x.is_cuda or interpreting()):
-        raise RuntimeError(f"fp8fx gemv: the Triton kernel needs CUDA tensors, got {x.device}")
+    _check_device(name, x)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    e8m0 = sw.dtype == reference.E8M0_DTYPE
-    sw_t = sw.view(torch.uint8) if e8m0 else sw
+    e8m0 = sws[0].dtype == reference.E8M0_DTYPE
+    # K-contiguous weights; for several, fully contiguous ones (one set of strides for all).
+    dense = (lambda t: t.contiguous()) if len(ws) > 1 else (lambda t: t if t.stride(-1) == 1 else t.contiguous())
+    parts = [(dense(w), dense(sw.view(torch.uint8) if e8m0 else sw), None if bias is None else bias.contiguous())
+             for w, sw, bias in zip(ws, sws, biases)]
 
     # (2) allocate
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+        return out.zero_() if biases[0] is None else out.copy_(torch.cat(biases).expand(m, n))
     cfg = config or dispatch.gemv_config(m, n, k, x_fp8)
     # Tokens per program, a power of two <= 16. Quantizing in the kernel, 4 or 8 rows
     # repeated 4 or 2 times to fill tl.dot's 16 columns were measured 1.3x and 2x slower
@@ -408,22 +471,26 @@ def gemv(
     if not use_dot:
         block_m = 1
     split = pick_split(m, n, k, cfg, num_sms(x.device))
+    (w, sw_t, bias), more = parts[0], parts[1:]
     _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, triton.cdiv(m, block_m),
-            use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0)
+            use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0, more=more)
     return out
 
 
 def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_m, *, use_dot, x_fp8, static,
-            act_ue8m0, e8m0, offs=None, row_ids=False):
+            act_ue8m0, e8m0, offs=None, row_ids=False, more=()):
     """One _gemv_kernel launch; w [N, K] / sw_t [nN, nK], or with ``offs`` [E] (grouped)
     w [E, N, K] / sw_t [E, nN, nK] and ``tiles_m`` the grid's row-tile bound; ``row_ids``:
-    ``offs`` is instead each output row's expert id (out has M rows, x M / ROW_DIV)."""
+    ``offs`` is instead each output row's expert id (out has M rows, x M / ROW_DIV).
+    ``more``: up to two further (w, sw_t, bias) of dense weights (gemv_cat), with the same
+    strides as w / sw_t, whose outputs follow w's in out's columns."""
     m, k = out.shape[0], x.shape[1]
     n = out.shape[1]
     grouped = offs is not None
     n_kb = triton.cdiv(k, BLOCK_K)
     per_split = triton.cdiv(n_kb, split)
-    tiles_n = triton.cdiv(n, cfg.block_n)
+    tiles_n = sum(triton.cdiv(p[0].shape[0], cfg.block_n) for p in ((w,), *more))
+    (w1, sw1, b1), (w2, sw2, b2) = (list(more) + [(w, sw_t, bias)] * 2)[:2]
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         tickets = _tickets(x.device, tiles_m * tiles_n)
@@ -435,7 +502,9 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     pdl = cfg.pdl and not interpreting() and not grouped
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
+        w1, sw1, b1 if b1 is not None else out, w2, sw2, b2 if b2 is not None else out,
         m, n, k, per_split, split, w.shape[0] if grouped else 0,
+        w.shape[-2], w1.shape[-2] if more else 0,
         x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
         out.stride(0), part.stride(0) if split > 1 else 0,
         X_FP8=x_fp8, STATIC_ACT=static, ACT_UE8M0=act_ue8m0,
@@ -444,7 +513,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         PDL=pdl, PREFETCH=0 if interpreting() or grouped else cfg.prefetch,
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
         GROUPED=grouped and not row_ids, E_POW2=triton.next_power_of_2(w.shape[0] + 1) if grouped else 1,
-        ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1,
+        ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
