@@ -11,6 +11,9 @@ Legend: T tokens, N out_features, K in_features, E experts.
     fp8fx::act_quant(x[..., K], group_size, ue8m0) -> (q[..., K] fp8, s[..., nK] fp32)
     fp8fx::block_gemm(xq[..., K], xs[..., nK] | [], qweight, wscale, bias?, block_size, out_dtype)
         -> y[..., N]                        GEMM of already quantized activations
+    fp8fx::block_gemm_cat(xq[..., K], xs, qweights[i][N_i, K], wscales[i], biases[i]?, block_size,
+        out_dtype) -> y[..., sum N_i]    block_gemm of several weights on one input, concatenated
+                                        (q/k/v, gate/up: one decode launch on CUDA)
     fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
         block_size) -> y[T, N]              MoE experts over tokens sorted by expert
     fp8fx::expert_linear(x[T, K], expert_ids[R] int, qweight[E, N, K], wscale[E, nN, nK],
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from fp8fx import reference
 
-__all__ = ["linear", "act_quant", "block_gemm", "grouped_linear", "expert_linear", "grouped_linear_masked"]
+__all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "grouped_linear", "expert_linear", "grouped_linear_masked"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -165,16 +168,54 @@ def block_gemm(
 ) -> Tensor:
     if xq.is_cuda and _cuda("block_gemm"):
         return _cuda("block_gemm")(xq, xs, qweight, wscale, bias, block_size, out_dtype)
-    xd = reference.dequantize_act(xq, xs, block_size[1])
-    y = xd @ reference.dequantize_weight(qweight, wscale, tuple(block_size)).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    return reference.block_gemm(xq, xs, qweight, wscale, bias, tuple(block_size), out_dtype)
 
 
 @block_gemm.register_fake
 def _(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
+
+
+def check_cat_args(xq, xs, qweights, wscales, biases, block_size) -> None:
+    """Validate fp8fx::block_gemm_cat inputs: at least one weight, one scale and one bias
+    entry (or None) per weight, every weight reading xq's K, one scale dtype."""
+    if not qweights or len(wscales) != len(qweights) or len(biases) != len(qweights):
+        raise ValueError(
+            "fp8fx: block_gemm_cat needs one or more weights with one scale and one bias entry (or None) each; "
+            f"got {len(qweights)} weights, {len(wscales)} scales, {len(biases)} biases"
+        )
+    if xq.dtype != reference.FP8_DTYPE:
+        raise TypeError(f"fp8fx: block_gemm_cat takes quantized (float8_e4m3fn) activations, got {xq.dtype}")
+    for qweight, wscale, bias in zip(qweights, wscales, biases):
+        _check_weight(qweight, wscale, block_size, expert_dims=0)
+        if qweight.shape[1] != xq.shape[-1]:
+            raise ValueError(f"fp8fx: block_gemm_cat input has K = {xq.shape[-1]}, a weight has {tuple(qweight.shape)}")
+        _check_bias(bias, qweight.shape[0])
+    if len({s.dtype for s in wscales}) > 1:
+        raise TypeError(f"fp8fx: block_gemm_cat weights must share one scale dtype, got {[s.dtype for s in wscales]}")
+    _check_same_device(xq=xq, xs=xs, **{f"qweight{i}": w for i, w in enumerate(qweights)})
+
+
+@torch.library.custom_op("fp8fx::block_gemm_cat", mutates_args=())
+def block_gemm_cat(
+    xq: Tensor,
+    xs: Tensor,
+    qweights: list[Tensor],
+    wscales: list[Tensor],
+    biases: list[Optional[Tensor]],
+    block_size: list[int],
+    out_dtype: torch.dtype,
+) -> Tensor:
+    check_cat_args(xq, xs, qweights, wscales, biases, block_size)
+    if xq.is_cuda and _cuda("block_gemm_cat"):
+        return _cuda("block_gemm_cat")(xq, xs, qweights, wscales, biases, block_size, out_dtype)
+    return reference.block_gemm_cat(xq, xs, qweights, wscales, biases, tuple(block_size), out_dtype)
+
+
+@block_gemm_cat.register_fake
+def _(xq, xs, qweights, wscales, biases, block_size, out_dtype):
+    check_cat_args(xq, xs, qweights, wscales, biases, block_size)
+    return xq.new_empty(*xq.shape[:-1], sum(w.shape[0] for w in qweights), dtype=out_dtype)
 
 
 def _check_per_expert(name: str, counts: Tensor, act_scale: Optional[Tensor], e: int) -> None:

@@ -34,6 +34,8 @@ __all__ = [
     "quantize_act_static",
     "dequantize_act",
     "linear",
+    "block_gemm",
+    "block_gemm_cat",
     "grouped_linear",
     "grouped_linear_masked",
 ]
@@ -208,6 +210,38 @@ def linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def block_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The GEMM half of ``linear``, on activations already quantized: xq[..., K] fp8 with
+    xs[..., nK] (or one static scale) -> the fp32 product of the dequantized operands, plus
+    bias, in ``out_dtype``: y[..., N]."""
+    y = dequantize_act(xq, xs, block_size[1]) @ dequantize_weight(qweight, wscale, block_size).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def block_gemm_cat(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    qweights: list[torch.Tensor],
+    wscales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    block_size: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Several weights reading one quantized input (q/k/v, gate/up): their block_gemm
+    outputs concatenated along the last dim, y[..., N0 + N1 + ...]."""
+    return torch.cat([block_gemm(xq, xs, w, s, b, block_size, out_dtype) for w, s, b in zip(qweights, wscales, biases)], -1)
 
 
 def grouped_linear(

@@ -4,7 +4,9 @@
 ==> (1) split:      xq, s = fp8fx.act_quant(x, 128, ue8m0); y = fp8fx.block_gemm(xq, s, ...)
                     (static act_scale: the aten quant below directly)
     (2) share:      one act_quant per distinct x (q/k/v, gate/up read the same codes)
-    (3) decompose:  act_quant -> the aten ops below
+    (3) group:      decode (static M taking the gemv route): the block_gemms of one act_quant
+                    (q/k/v, gate/up) -> one fp8fx.block_gemm_cat, each GEMM a column slice
+    (4) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
     s    = clamp(amax, 1e-12) / 448                   # UE8M0: 2 ** ceil(log2(s)), bit exact
@@ -20,13 +22,16 @@ by the scale (never multiplication by its reciprocal), so the fp8 codes are bit-
 
 Legend: T tokens (any leading dims), K in_features, G = K / 128 groups.
 Counters (torch._dynamo.utils.counters["fp8fx"]): linear, linear_bias, linear_static,
-linear_static_bias, act_quant_shared, act_quant_decomposed, act_quant_partial_group_kept.
+linear_static_bias, act_quant_shared, block_gemm_cat (one per group),
+block_gemm_cat_members, act_quant_decomposed, act_quant_partial_group_kept.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import operator
+from collections import defaultdict
 
 import torch
 from torch._dynamo.utils import counters
@@ -35,7 +40,7 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg, Match, Pat
 from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
 from fp8fx import reference
 
-__all__ = ["COUNTER", "quantize_act_decomposed", "rewrite", "share_act_quant", "split_linear"]
+__all__ = ["COUNTER", "group_gemms", "quantize_act_decomposed", "rewrite", "share_act_quant", "split_linear"]
 
 COUNTER = "fp8fx"
 _FP8 = reference.FP8_DTYPE
@@ -169,6 +174,68 @@ def share_act_quant(graph: torch.fx.Graph) -> None:
         counters[COUNTER]["act_quant_shared"] += 1
 
 
+def _quant_source(xq, xs):
+    """The act_quant node whose codes and scales xq and xs are, or None (static scales)."""
+    if not all(isinstance(a, torch.fx.Node) and a.target is operator.getitem for a in (xq, xs)):
+        return None
+    (src, i), (src_s, j) = xq.args, xs.args
+    ok = src is src_s and (i, j) == (0, 1) and src.target is torch.ops.fp8fx.act_quant.default
+    return src if ok else None
+
+
+def _one_launch(m, n: int, k: int, out_dtype: torch.dtype, device: torch.device, width: int) -> bool:
+    """A static M whose concatenated GEMM (M, n, K) the kernels run as one gemv_cat launch."""
+    from fp8fx.kernels import dispatch
+    from fp8fx.kernels.gemv import MAX_CAT
+
+    if not isinstance(m, int) or m <= 0 or width > MAX_CAT:
+        return False
+    return dispatch.choose(m, n, k, out_dtype, device) == "gemv"
+
+
+def group_gemms(graph: torch.fx.Graph) -> None:
+    """Decode: fp8fx.block_gemm nodes reading one act_quant (q/k/v, gate/up), with one scale
+    dtype, all or no biases and a static M that takes the gemv route -> one
+    fp8fx.block_gemm_cat (one kernel launch streaming every weight), sliced back per GEMM.
+    Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
+    from fp8fx.kernels.gemv import MAX_CAT
+
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.find_nodes(op="call_function", target=torch.ops.fp8fx.block_gemm.default):
+        xq, xs, qweight, wscale, bias, block_size, out_dtype = node.args
+        src = _quant_source(xq, xs)
+        if src is not None:
+            groups[(src, tuple(block_size), out_dtype, _val(wscale).dtype, bias is None)].append(node)
+    for (_, block_size, out_dtype, _, _), nodes in groups.items():
+        nodes.sort(key=order.__getitem__)
+        for start in range(0, len(nodes), MAX_CAT):
+            run = nodes[start:start + MAX_CAT]
+            first = run[0]
+            xq, xs = first.args[:2]
+            lead = _val(first).shape[:-1]
+            m = math.prod(lead) if all(isinstance(d, int) for d in lead) else None
+            n = sum(_val(node.args[2]).shape[0] for node in run)
+            # Weights, scales and biases must exist where the group's launch goes (first's place).
+            inputs_ready = all(order[a] < order[first] for node in run for a in node.args[2:5] if isinstance(a, torch.fx.Node))
+            if len(run) < 2 or not inputs_ready or not _one_launch(m, n, _val(xq).shape[-1], out_dtype, _val(xq).device, len(run)):
+                continue
+            with graph.inserting_before(first):
+                cat = _call(graph, torch.ops.fp8fx.block_gemm_cat.default, xq, xs, [node.args[2] for node in run],
+                            [node.args[3] for node in run], [node.args[4] for node in run], list(block_size), out_dtype)
+                cat.meta.update({k: v for k, v in first.meta.items() if k != "val"})
+                col, dim = 0, len(lead)
+                for node in run:
+                    width = _val(node).shape[-1]
+                    piece = _call(graph, torch.ops.aten.slice.Tensor, cat, dim, col, col + width)
+                    col += width
+                    node.replace_all_uses_with(piece)
+            for node in run:
+                graph.erase_node(node)
+            counters[COUNTER]["block_gemm_cat"] += 1
+            counters[COUNTER]["block_gemm_cat_members"] += len(run)
+
+
 @functools.cache
 def decompose_patterns() -> PatternMatcherPass:
     """fp8fx.act_quant -> quantize_act_decomposed's aten ops, which Inductor fuses (built once)."""
@@ -181,8 +248,10 @@ def decompose_patterns() -> PatternMatcherPass:
 
 
 def rewrite(graph: torch.fx.Graph) -> None:
-    """The whole linear rewrite: split, share quantizations of one input, decompose them."""
+    """The whole linear rewrite: split, share quantizations of one input, group the decode
+    GEMMs of one input, decompose the quantizations."""
     split_linear(graph)
     share_act_quant(graph)
+    group_gemms(graph)
     decompose_patterns().apply(graph)
     graph.eliminate_dead_code()

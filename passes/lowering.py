@@ -22,8 +22,12 @@ The op is never decomposed, so Inductor cannot hand a block-FP8 GEMM to its own 
 ``_scaled_mm`` template (wrong results and illegal memory accesses on torch 2.11, DESIGN.md).
 Static activation scales and block sizes other than 128 x 128 take the run-time extern.
 
+fp8fx.block_gemm_cat (several weights on one input, decode; passes/linear.py) lowers to one
+extern, ``fp8fx_block_gemm_cat``: a single gemv_cat launch on CUDA, the reference on CPU.
+
 Counters (torch._dynamo.utils.counters["fp8fx"]): block_gemm_lowered,
-block_gemm_template_default, block_gemm_cublas_default, block_gemm_autotuned.
+block_gemm_template_default, block_gemm_cublas_default, block_gemm_autotuned,
+block_gemm_cat_lowered.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-__all__ = ["register", "block_gemm_extern", "template_configs"]
+__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "template_configs"]
 
 _BLOCK = [128, 128]
 log = logging.getLogger(__name__)
@@ -157,6 +161,76 @@ def _max_autotune() -> bool:
     return bool(config.max_autotune or config.max_autotune_gemm)
 
 
+def _contiguous(t):
+    from torch._inductor import ir
+
+    return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t))
+
+
+def _act_inputs(xq, xs):
+    """The quantized activations as the GEMM externs read them: xq[..., K] -> [M, K]
+    row-major, xs[..., nK] -> [M, nK] column-major (or a static scale as is). Returns
+    (xq2, xs2, lead, M, K, static_act)."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import lowerings
+
+    reshape = lowerings[torch.ops.aten.reshape.default]
+    *lead, k = xq.get_size()
+    m = functools.reduce(lambda a, b: a * b, lead, 1)
+    static_act = len(xs.get_size()) == 0 or len(xs.get_size()) != len(xq.get_size())
+    xq2 = _contiguous(reshape(xq, [m, k]))
+    if static_act:
+        xs2 = ir.ExternKernel.realize_input(xs)
+    else:
+        # Column-major [M, nK]: the fused quant kernel writes xs [*lead, nK] with nK outermost,
+        # once for every GEMM that reads it (q/k/v, gate/up), and each reads a strided view.
+        order = [len(lead) - 1 - i for i in range(len(lead))] + [len(lead)]
+        xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(xs), order)
+        if len(lead) > 1:  # a strided view [M, nK] of that buffer, no copy
+            xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(reshape(xs2, [m, xs.get_size()[-1]])), [0, 1])
+    return xq2, xs2, lead, m, k, static_act
+
+
+def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, n_weights, has_bias):
+    """What a compiled graph calls for fp8fx.block_gemm_cat: ``operands`` are the n_weights
+    qweights, then their scales, then (``has_bias``) their biases, flattened for the wrapper."""
+    ws, ss = list(operands[:n_weights]), list(operands[n_weights:2 * n_weights])
+    bs = list(operands[2 * n_weights:]) if has_bias else [None] * n_weights
+    if not xq.is_cuda:
+        return torch.ops.fp8fx.block_gemm_cat.default(xq, xs, ws, ss, bs, list(block_size), out_dtype)
+    from fp8fx import kernels
+
+    return kernels.block_gemm_cat_cuda(xq, xs, ws, ss, bs, block_size, out_dtype)
+
+
+@functools.cache
+def _cat_extern_choice():
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    return ExternKernelChoice(block_gemm_cat_extern, name="fp8fx_block_gemm_cat", has_out_variant=False)
+
+
+def _block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, out_dtype):
+    """fp8fx.block_gemm_cat (the pass emits it for decode-sized static M only): the extern,
+    which takes one gemv_cat launch on CUDA. Biases are all given or all None (the pass)."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import lowerings
+
+    counters["fp8fx"]["block_gemm_cat_lowered"] += 1
+    xq2, xs2, lead, m, _, _ = _act_inputs(xq, xs)
+    has_bias = biases[0] is not None
+    if any((b is not None) != has_bias for b in biases):
+        raise ValueError("fp8fx: block_gemm_cat lowering needs a bias for every weight or for none")
+    operands = [_contiguous(t) for t in (*qweights, *wscales, *(biases if has_bias else ()))]
+    n = sum(w.get_size()[0] for w in qweights)
+    layout = ir.FixedLayout(xq.get_device(), out_dtype, [m, n])
+    node = _cat_extern_choice().bind(
+        [xq2, xs2, *operands], layout, out_dtype=out_dtype, block_size=list(block_size), n_weights=len(qweights),
+        has_bias=has_bias,
+    ).output_node()
+    return lowerings[torch.ops.aten.reshape.default](node, [*lead, n])
+
+
 def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     from torch._inductor import ir
     from torch._inductor.lowering import lowerings
@@ -167,26 +241,13 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
 
     counters["fp8fx"]["block_gemm_lowered"] += 1
     reshape = lowerings[torch.ops.aten.reshape.default]
-    *lead, k = xq.get_size()
+    xq2, xs2, lead, m, k, static_act = _act_inputs(xq, xs)
     n = qweight.get_size()[0]
-    m = functools.reduce(lambda a, b: a * b, lead, 1)
     device = xq.get_device()
-    static_act = len(xs.get_size()) == 0 or len(xs.get_size()) != len(xq.get_size())
     extern = _extern_choice()
-
-    xq2 = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(reshape(xq, [m, k])))
-    if static_act:
-        xs2 = ir.ExternKernel.realize_input(xs)
-    else:
-        # Column-major [M, nK]: the fused quant kernel writes xs [*lead, nK] with nK outermost,
-        # once for every GEMM that reads it (q/k/v, gate/up), and each reads a strided view.
-        order = [len(lead) - 1 - i for i in range(len(lead))] + [len(lead)]
-        xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(xs), order)
-        if len(lead) > 1:  # a strided view [M, nK] of that buffer, no copy
-            xs2 = ir.ExternKernel.require_stride_order(ir.ExternKernel.realize_input(reshape(xs2, [m, xs.get_size()[-1]])), [0, 1])
-    qweight, wscale = (ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t)) for t in (qweight, wscale))
+    qweight, wscale = (_contiguous(t) for t in (qweight, wscale))
     if bias is not None:
-        bias = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(bias))
+        bias = _contiguous(bias)
     inputs = [xq2, xs2, qweight, wscale] + ([bias] if bias is not None else [])
     layout = ir.FixedLayout(device, out_dtype, [m, n])
     kw = dict(out_dtype=out_dtype, block_size=list(block_size))
@@ -261,8 +322,11 @@ def register() -> None:
 
     op = torch.ops.fp8fx.block_gemm.default
     _extern_choice()  # the generated code (and a cached one) names extern_kernels.fp8fx_block_gemm
+    _cat_extern_choice()
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(_block_gemm)
+    if torch.ops.fp8fx.block_gemm_cat.default not in lowerings:
+        register_lowering(torch.ops.fp8fx.block_gemm_cat.default, type_promotion_kind=None)(_block_gemm_cat)
     if torch.cuda.is_available():
         from fp8fx import kernels
 

@@ -97,11 +97,12 @@ def _llama_layer(quantize=True):
 # -- helpers --------------------------------------------------------------------------------
 
 
-def post_grad(model, *args, config=None, **kwargs) -> str:
-    """The normalized post-grad graph fp8fx.backend would compile (fullgraph, dynamic)."""
+def post_grad(model, *args, config=None, dynamic=True, **kwargs) -> str:
+    """The normalized post-grad graph fp8fx.backend would compile (fullgraph, dynamic unless
+    ``dynamic=False``: the static shapes of a decode graph)."""
     torch._dynamo.reset()
     graphs: list = []
-    compiled = torch.compile(model, backend=post_grad_backend(backend_with(config), graphs), fullgraph=True, dynamic=True)
+    compiled = torch.compile(model, backend=post_grad_backend(backend_with(config), graphs), fullgraph=True, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
     assert len(graphs) == 1
@@ -234,6 +235,47 @@ v30: f8e4m3[s0, 256] = aten.view(v29, [s0, 256])
 v31: bf16[s0, 256] = fp8fx.block_gemm(v30, v24, in0, in1, None, [128, 128], bf16)
 v32: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in2, in3, None, [128, 128], bf16)
 v33: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in4, in5, None, [128, 128], bf16)
+return (v31, v32, v33)""")
+
+    def test_rmsnorm_qkv_decode(self):
+        # One token, static shapes (a decode graph): the three GEMMs of the shared quantized
+        # input become one block_gemm_cat (one gemv launch on CUDA), sliced back per GEMM.
+        g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), dynamic=False)
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: f8e4m3[128, 256]
+in3: f32[1, 2]
+in4: f8e4m3[128, 256]
+in5: f32[1, 2]
+in6: bf16[256]
+in7: bf16[1, 1, 256]
+v8: f32[1, 1, 256] = prims.convert_element_type(in7, f32)
+v9: f32[1, 1, 256] = aten.pow(v8, 2)
+v10: f32[1, 1, 1] = aten.mean(v9, [2], True)
+v11: f32[1, 1, 1] = aten.add(v10, 9.999999974752427e-07)
+v12: f32[1, 1, 1] = aten.rsqrt(v11)
+v13: f32[1, 1, 256] = aten.mul(v8, v12)
+v14: f32[1, 1, 256] = aten.mul(v13, in6)
+v15: bf16[1, 1, 256] = prims.convert_element_type(v14, bf16)
+v16: f32[1, 1, 256] = prims.convert_element_type(v15, f32)
+v17: f32[1, 1, 2, 128] = aten.view(v16, [1, 1, 2, 128])
+v18: f32[1, 1, 2, 128] = aten.abs(v17)
+v19: f32[1, 1, 2] = aten.amax(v18, [-1])
+v20: f32[1, 1, 2] = aten.clamp_min(v19, 1e-12)
+v21: f32[1, 1, 2] = aten.clamp_min(v20, 448.0)
+v22: f32[1, 1, 2] = aten.clamp_max(v21, 448.0)
+v23: f32[1, 1, 2] = aten.div(v20, v22)
+v24: f32[1, 1, 2, 1] = aten.unsqueeze(v23, -1)
+v25: f32[1, 1, 2, 128] = aten.div(v17, v24)
+v26: f32[1, 1, 2, 128] = aten.clamp_min(v25, -448.0)
+v27: f32[1, 1, 2, 128] = aten.clamp_max(v26, 448.0)
+v28: f8e4m3[1, 1, 2, 128] = prims.convert_element_type(v27, f8e4m3)
+v29: f8e4m3[1, 1, 256] = aten.view(v28, [1, 1, 256])
+v30: bf16[1, 1, 512] = fp8fx.block_gemm_cat(v29, v23, [in0, in2, in4], [in1, in3, in5], [None, None, None], [128, 128], bf16)
+v31: bf16[1, 1, 256] = aten.slice(v30, 2, 0, 256)
+v32: bf16[1, 1, 128] = aten.slice(v30, 2, 256, 384)
+v33: bf16[1, 1, 128] = aten.slice(v30, 2, 384, 512)
 return (v31, v32, v33)""")
 
     def test_swiglu_mlp(self):
@@ -731,6 +773,76 @@ def test_llama_layer_numerics_and_no_recompiles():
         run(compiled, 1)
         run(compiled, 1)
         assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_decode_gemms_of_one_input_run_as_one_launch():
+    # A Llama layer at one token (static): q/k/v and gate/up are two block_gemm_cat calls,
+    # o_proj and down_proj stay block_gemm; the output is eager fp8fx's.
+    layer, h, kwargs = _llama_layer()
+    cos, sin = kwargs["position_embeddings"]
+    h1, kw1 = h[:, :1], {"position_embeddings": (cos[:, :1], sin[:, :1]), "attention_mask": None}
+    with fresh_compile(), torch.no_grad():
+        compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+        y, codes = run_and_get_code(compiled, h1, **kw1)
+        assert counters["fp8fx"]["block_gemm_cat"] == 2 and counters["fp8fx"]["block_gemm_cat_members"] == 5
+        assert counters["fp8fx"]["block_gemm_cat_lowered"] == 2 and counters["fp8fx"]["block_gemm_lowered"] == 2
+        body = codes[0][codes[0].index("def call(") :]
+        assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2
+        assert body.count("extern_kernels.fp8fx_block_gemm(") == 2
+        y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, layer(h1, **kw1)))
+        assert rel_err(y, expect) < 1e-3
+
+
+@pytest.mark.parametrize("case", ["dynamic", "m64", "mixed_bias", "static_act"])
+def test_gemms_not_grouped(case):
+    # Grouping needs a static M that takes the gemv route, one act_quant (dynamic scales) and
+    # the same bias presence: prefill graphs (dynamic M), M = 64 (the block GEMM's class) and
+    # static activation scales keep one block_gemm per linear; mixed biases group by presence.
+    model, x, dynamic = _build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), False
+    if case == "dynamic":
+        x, dynamic = torch.randn(1, 3, 256, dtype=BF16), True
+    elif case == "m64":
+        x = torch.randn(1, 64, 256, dtype=BF16)
+    elif case == "mixed_bias":
+        model = _build(NormQKV, quantize=False)
+        model.q.bias = nn.Parameter(torch.randn(256, dtype=BF16), requires_grad=False)
+        fp8fx.quantize_(model)
+    else:
+        model = _build(NormQKV, quantize=False)
+        for lin in (model.q, model.k, model.v):
+            lin.weight = nn.Parameter(BlockFP8Tensor.from_hp(lin.weight, act_scale=torch.tensor(0.02)), requires_grad=False)
+    g = post_grad(model, x, dynamic=dynamic)
+    cats = [line for line in g.splitlines() if "block_gemm_cat" in line]
+    singles = [line for line in g.splitlines() if "fp8fx.block_gemm(" in line]
+    if case == "mixed_bias":  # k and v grouped (no bias), q (with bias) alone
+        assert len(cats) == 1 and "[None, None]" in cats[0] and "bf16[1, 1, 256]" in cats[0], g
+        assert len(singles) == 1 and "bf16[1, 1, 256] = " in singles[0] and ", None, [128, 128]" not in singles[0], g
+    else:
+        assert not cats and len(singles) == 3, g
+
+
+def test_block_gemm_cat_op():
+    # The op is torch.cat of block_gemm per weight (CPU: the reference), checked up front.
+    xq, xs = R.quantize_act(heavy_tailed(3, 256, seed=7))
+    ws = [R.quantize_weight(torch.randn(n, 256), (128, 128)) for n in (256, 128, 16)]
+    biases = [torch.randn(256), None, torch.randn(16)]
+    y = torch.ops.fp8fx.block_gemm_cat(xq, xs, [w for w, _ in ws], [s for _, s in ws], biases, [128, 128], torch.float32)
+    expect = torch.cat([R.block_gemm(xq, xs, w, s, b, (128, 128), torch.float32) for (w, s), b in zip(ws, biases)], -1)
+    assert torch.equal(y, expect) and y.shape == (3, 400)
+    (w0, s0), (w1, s1) = ws[:2]
+    with pytest.raises(ValueError, match="one or more weights"):
+        torch.ops.fp8fx.block_gemm_cat(xq, xs, [], [], [], [128, 128], BF16)
+    with pytest.raises(ValueError, match="one or more weights"):
+        torch.ops.fp8fx.block_gemm_cat(xq, xs, [w0, w1], [s0], [None, None], [128, 128], BF16)
+    with pytest.raises(TypeError, match="quantized"):
+        torch.ops.fp8fx.block_gemm_cat(xq.float(), xs, [w0], [s0], [None], [128, 128], BF16)
+    with pytest.raises(ValueError, match="K = 128"):
+        torch.ops.fp8fx.block_gemm_cat(xq[:, :128], xs[:, :1], [w0], [s0], [None], [128, 128], BF16)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.fp8fx.block_gemm_cat(xq, xs, [w0], [s0], [torch.zeros(3)], [128, 128], BF16)
+    with pytest.raises(TypeError, match="share one scale dtype"):
+        e8 = R.quantize_weight(torch.randn(128, 256), (128, 128), "ue8m0")
+        torch.ops.fp8fx.block_gemm_cat(xq, xs, [w0, e8[0]], [s0, e8[1]], [None, None], [128, 128], BF16)
 
 
 def test_unquantized_model_compiles_to_fp8():

@@ -25,6 +25,7 @@ __all__ = [
     "linear_cuda",
     "act_quant_cuda",
     "block_gemm_cuda",
+    "block_gemm_cat_cuda",
     "grouped_linear_cuda",
     "expert_linear_cuda",
     "prepared_weight_scale",
@@ -168,6 +169,29 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return y.reshape(*lead, n)
 
 
+def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype):
+    """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the concatenated shape takes the
+    gemv route (decode) and the weights fit one launch; otherwise block_gemm per weight."""
+    from fp8fx.kernels import dispatch
+    from fp8fx.kernels.gemv import MAX_CAT, gemv_cat
+
+    _check_cuda(xq, xs, *qweights, *wscales, *biases)
+    k = xq.shape[-1]
+    lead = xq.shape[:-1]
+    m = xq.numel() // k if k else 0
+    n = sum(w.shape[0] for w in qweights)
+    static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
+    one_launch = (
+        list(block_size) == _BLOCK and m > 0 and len(qweights) <= MAX_CAT and len({b is None for b in biases}) == 1
+        and dispatch.choose(m, n, k, out_dtype, xq.device, static_act=static) == "gemv"
+    )
+    if not one_launch:
+        return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
+                          for w, s, b in zip(qweights, wscales, biases)], -1)
+    y = gemv_cat(xq.reshape(m, k), xs if static else xs.reshape(m, -1), qweights, wscales, biases, out_dtype)
+    return y.reshape(*lead, n)
+
+
 def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
     """CUDA fp8fx::grouped_linear: tokens sorted by expert -> y[T, N] in x's dtype."""
     from fp8fx import reference
@@ -201,6 +225,7 @@ def register() -> None:
     from fp8fx.kernels.grouped_masked import grouped_linear_masked_cuda
 
     ops._cuda_impl.update(
-        linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, grouped_linear=grouped_linear_cuda,
+        linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, block_gemm_cat=block_gemm_cat_cuda,
+        grouped_linear=grouped_linear_cuda,
         expert_linear=expert_linear_cuda, grouped_linear_masked=grouped_linear_masked_cuda,
     )
