@@ -489,7 +489,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     grouped = offs is not None
     n_kb = triton.cdiv(k, BLOCK_K)
     per_split = triton.cdiv(n_kb, split)
-    tiles_n = sum(triton.cdiv(p[0].shape[0], cfg.block_n) for p in ((w,), *more))
+    tiles_n = sum(triton.cdiv(wi.shape[-2], cfg.block_n) for wi in (w, *(p[0] for p in more)))  # [E,] N, K
     (w1, sw1, b1), (w2, sw2, b2) = (list(more) + [(w, sw_t, bias)] * 2)[:2]
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
