@@ -127,11 +127,10 @@ def act_quant_cuda(x, group_size, ue8m0):
 
 def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     """CUDA fp8fx::block_gemm: xq[..., K] fp8 with xs[..., nK] (or a scalar) -> y[..., N]."""
-    import triton
-
     from fp8fx import reference
     from fp8fx.kernels import cublas, dispatch
     from fp8fx.kernels.block_gemm import block_gemm as gemm
+    from fp8fx.kernels.host import cdiv
 
     _check_cuda(xq, xs, qweight, wscale, bias)
     n, k = qweight.shape
@@ -156,7 +155,7 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         # The extern needs rows padded to 4 and column-major scales: a per-call copy here,
         # which fp8fx::linear avoids by quantizing straight into that layout. Aligned M
         # (prefill) copies only the [M, nK] scales.
-        mp = triton.cdiv(m, cublas.M_ALIGN) * cublas.M_ALIGN
+        mp = cdiv(m, cublas.M_ALIGN) * cublas.M_ALIGN
         if mp == m:
             xq_p = xq2.contiguous()
             xs_p = xs2.t().contiguous()

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from fp8fx import reference
+from fp8fx.kernels.host import cdiv
 
 __all__ = ["act_quant", "act_quant_static"]
 
@@ -147,8 +148,8 @@ def act_quant(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     t = x2.shape[0]
-    tp = triton.cdiv(t, pad_rows) * pad_rows
-    groups = triton.cdiv(k, group_size)
+    tp = cdiv(t, pad_rows) * pad_rows
+    groups = cdiv(k, group_size)
     q = torch.empty(tp, k, dtype=reference.FP8_DTYPE, device=x.device)
     if col_major:
         s = torch.empty(groups, tp, dtype=torch.float32, device=x.device).t()
@@ -156,7 +157,7 @@ def act_quant(
         s = torch.empty(tp, groups, dtype=torch.float32, device=x.device)
     if tp > 0 and k > 0:
         block_t = block_t or (32 if group_size <= 128 else 16)
-        grid = (triton.cdiv(tp, block_t), groups)
+        grid = (cdiv(tp, block_t), groups)
         _act_quant_kernel[grid](
             x2, q, s,
             t, tp, k,
@@ -181,7 +182,7 @@ def act_quant_static(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
     n = xc.numel()
     if n:
         block = 4096
-        _act_quant_static_kernel[(triton.cdiv(n, block),)](
+        _act_quant_static_kernel[(cdiv(n, block),)](
             xc, q, act_scale.reshape(()).float(), n,
             EXACT_CAST=interpreting(), BLOCK=block, num_warps=8,
         )

@@ -260,16 +260,15 @@ def _small_m_shapes(dense: dict) -> list[tuple[str, int, int, int]]:
 
 def _gemv_splits(m: int, n: int, k: int, cfg, sms: int) -> list[int]:
     """Split-K factors worth timing: 1, and powers of two giving sms/2 .. 4*sms programs."""
-    import triton
-
     from fp8fx.kernels.gemv import BLOCK_K
+    from fp8fx.kernels.host import cdiv
 
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, 16)
-    kb = triton.cdiv(k, BLOCK_K)
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, 16)
+    kb = cdiv(k, BLOCK_K)
     out = {1}
     for s in (2, 4, 8, 16, 32, 64):
         if s <= kb and sms // 2 <= tiles * s <= 4 * sms:
-            out.add(triton.cdiv(kb, triton.cdiv(kb, s)))  # the factor gemv really uses
+            out.add(cdiv(kb, cdiv(kb, s)))  # the factor gemv really uses
     return sorted(out)
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
+from fp8fx.kernels.host import cdiv
 
 __all__ = ["GemmConfig", "CONFIGS", "block_gemm", "check_operands", "num_sms"]
 
@@ -173,8 +174,8 @@ def pick_split_k(m: int, n: int, k: int, cfg: GemmConfig, sms: int) -> int:
     """Split K until the grid covers the SMs about twice (small M), keeping >= 4 K blocks each."""
     if cfg.split_k:
         return cfg.split_k
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    k_blocks = triton.cdiv(k, BLOCK_K)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    k_blocks = cdiv(k, BLOCK_K)
     split = 1
     while split < 16 and tiles * split < 2 * sms and k_blocks // (split * 2) >= 4:
         split *= 2
@@ -235,11 +236,11 @@ def block_gemm(
     bias = None if bias is None else bias.contiguous()
     if a_hp:
         sa_t, stride_sam, stride_sak = a, 0, 0  # unused
-    elif sa.numel() == 1 and tuple(sa.shape) != (m, triton.cdiv(k, BLOCK_K)):
+    elif sa.numel() == 1 and tuple(sa.shape) != (m, cdiv(k, BLOCK_K)):
         sa_t, stride_sam, stride_sak = sa.reshape(()).float(), 0, 0  # static per-tensor
     else:
-        if tuple(sa.shape) != (m, triton.cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
-            raise ValueError(f"fp8fx block_gemm: activation scale must be fp32 ({m}, {triton.cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}")
+        if tuple(sa.shape) != (m, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
+            raise ValueError(f"fp8fx block_gemm: activation scale must be fp32 ({m}, {cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}")
         sa_t, stride_sam, stride_sak = sa, sa.stride(0), sa.stride(1)
     e8m0 = sb.dtype == reference.E8M0_DTYPE
     sb_t = sb.view(torch.uint8) if e8m0 else sb
@@ -252,13 +253,13 @@ def block_gemm(
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     cfg = config or dispatch.triton_config(m, n, k, a_hp)
     split = pick_split_k(m, n, k, cfg, num_sms(a.device))
-    k_blocks = triton.cdiv(k, BLOCK_K)
-    per_split = triton.cdiv(k_blocks, split)
-    split = triton.cdiv(k_blocks, per_split)  # no empty splits
+    k_blocks = cdiv(k, BLOCK_K)
+    per_split = cdiv(k_blocks, split)
+    split = cdiv(k_blocks, per_split)  # no empty splits
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
 
     # (3) launch
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
     _block_gemm_kernel[grid](
         a, sa_t, b, sb_t, bias if bias is not None else out, c,
         m, n, k, per_split,
@@ -272,7 +273,7 @@ def block_gemm(
     )
     if split > 1:
         block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+        _split_k_reduce_kernel[(cdiv(m * n, block),)](
             c, bias if bias is not None else out, out,
             m * n, n, c.stride(0),
             SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,

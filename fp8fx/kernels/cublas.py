@@ -16,9 +16,9 @@ builds it once (callers cache it) and ``gemm`` checks it.
 from __future__ import annotations
 
 import torch
-import triton
 
 from fp8fx import reference
+from fp8fx.kernels.host import cdiv
 
 __all__ = ["prepare_weight_scale", "gemm", "supports", "M_ALIGN"]
 
@@ -28,7 +28,7 @@ M_ALIGN = 4
 def supports(k: int, out_dtype: torch.dtype) -> bool:
     """Measured on H200, torch 2.11: nK not a multiple of 4 (K = 272, 4480) raises "Invalid
     scaling configuration" even with scale_b padded; outputs other than bf16 are untested."""
-    return triton.cdiv(k, 128) % 4 == 0 and out_dtype == torch.bfloat16
+    return cdiv(k, 128) % 4 == 0 and out_dtype == torch.bfloat16
 
 
 def prepare_weight_scale(wscale: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def prepare_weight_scale(wscale: torch.Tensor) -> torch.Tensor:
     if wscale.dim() != 2 or wscale.dtype not in (torch.float32, reference.E8M0_DTYPE):
         raise ValueError(f"fp8fx cublas: expected a 2-D fp32/e8m0 weight scale, got {wscale.dtype} {tuple(wscale.shape)}")
     n_blocks, k_blocks = wscale.shape
-    l4 = triton.cdiv(k_blocks, 4) * 4
+    l4 = cdiv(k_blocks, 4) * 4
     padded = torch.zeros(n_blocks, l4, dtype=torch.float32, device=wscale.device)
     padded[:, :k_blocks] = wscale.float()
     return padded.t()
@@ -55,17 +55,17 @@ def gemm(
     w[N, K] fp8, wscale_prepared from ``prepare_weight_scale`` -> y[m, N] in out_dtype."""
     mp, k = xq.shape
     n = w.shape[0]
-    k_blocks = triton.cdiv(k, 128)
-    l4 = triton.cdiv(k_blocks, 4) * 4
+    k_blocks = cdiv(k, 128)
+    l4 = cdiv(k_blocks, 4) * 4
     if mp % M_ALIGN or xs.shape != (mp, k_blocks) or xs.stride() != (1, mp):
         raise ValueError(
             f"fp8fx cublas: activations must be padded to a multiple of {M_ALIGN} rows with "
             f"column-major scales; got xq {tuple(xq.shape)}, xs {tuple(xs.shape)} strides {xs.stride()}"
         )
-    if wscale_prepared.shape != (l4, triton.cdiv(n, 128)) or wscale_prepared.stride() != (1, l4):
+    if wscale_prepared.shape != (l4, cdiv(n, 128)) or wscale_prepared.stride() != (1, l4):
         raise ValueError(
             "fp8fx cublas: weight scale is not in the prepared layout "
-            f"(shape {(l4, triton.cdiv(n, 128))}, strides (1, {l4})); call prepare_weight_scale once"
+            f"(shape {(l4, cdiv(n, 128))}, strides (1, {l4})); call prepare_weight_scale once"
         )
     if bias is None:
         return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=wscale_prepared, out_dtype=out_dtype)[:m]

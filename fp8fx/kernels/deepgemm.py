@@ -51,9 +51,9 @@ import logging
 import os
 
 import torch
-import triton
 
 from fp8fx import reference
+from fp8fx.kernels.host import cdiv
 
 __all__ = [
     "load",
@@ -76,7 +76,7 @@ _HUB_REPO = "kernels-community/deep-gemm"
 
 
 def _tma_align(mn: int) -> int:
-    return triton.cdiv(mn, 4) * 4
+    return cdiv(mn, 4) * 4
 
 
 @functools.cache
@@ -155,7 +155,7 @@ def pack_ue8m0_mn_major(sf: torch.Tensor, check: bool = True) -> torch.Tensor:
         if check and bool(((bits & 0x7FFFFF) != 0).any()):
             raise ValueError("fp8fx deepgemm: UE8M0 packing needs power-of-two scales")
         exponents = (bits >> 23).to(torch.uint8)
-    g4 = triton.cdiv(g, 4) * 4
+    g4 = cdiv(g, 4) * 4
     padded = torch.zeros(*lead, mn, g4, dtype=torch.uint8, device=sf.device)
     padded[..., :g] = exponents
     words = padded.view(torch.int32)  # [..., MN, g4 / 4], little-endian: byte j = block 4i + j
@@ -275,7 +275,7 @@ def contiguous_layout(offs: torch.Tensor, t: int, align: int) -> tuple[torch.Ten
     counts = (ends - starts).clamp_min(0)
     padded = (counts + align - 1) // align * align
     padded_starts = padded.cumsum(0) - padded
-    tp = triton.cdiv(t + e * (align - 1), align) * align
+    tp = cdiv(t + e * (align - 1), align) * align
     rows = torch.arange(t, device=offs.device)
     expert = torch.searchsorted(ends, rows, right=True)  # E for rows no expert owns
     owned = expert < e

@@ -56,6 +56,7 @@ from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
 from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
+from fp8fx.kernels.host import cdiv, next_power_of_2
 
 __all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
            "grouped_block_m", "grouped_gemv", "pick_split"]
@@ -366,13 +367,13 @@ def pick_split(m: int, n: int, k: int, cfg: GemvConfig, sms: int, row_tiles: int
     (the first H200 sweep's winners at every Llama-3-8B shape were at or next to this).
     ``row_tiles``: the programs along M (default cdiv(m, 16)). Normalized so that no split
     is empty."""
-    k_blocks = triton.cdiv(k, BLOCK_K)
+    k_blocks = cdiv(k, BLOCK_K)
     split = cfg.split_k
     if not split:
-        tiles = triton.cdiv(n, cfg.block_n) * (row_tiles or triton.cdiv(m, 16))
-        split = max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 2))
+        tiles = cdiv(n, cfg.block_n) * (row_tiles or cdiv(m, 16))
+        split = max(1, min(cdiv(2 * sms, tiles), k_blocks // 2))
     split = min(split, k_blocks)
-    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))
+    return cdiv(k_blocks, cdiv(k_blocks, split))
 
 
 def gemv(
@@ -435,7 +436,7 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.T
         raise TypeError(f"fp8fx {name}: x must be fp8 e4m3 or bf16/fp16/fp32, got {x.dtype}")
     if x_fp8 and sx is None:
         raise ValueError(f"fp8fx {name}: fp8 x needs its scales sx")
-    n_kb = triton.cdiv(k, BLOCK_K)
+    n_kb = cdiv(k, BLOCK_K)
     # One value is a static per-tensor scale, unless it is fp8 x's [1, 1] per-group scale.
     static = sx is not None and sx.numel() == 1 and not (x_fp8 and tuple(sx.shape) == (m, n_kb))
     if sx is None:
@@ -464,7 +465,7 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.T
     # Tokens per program, a power of two <= 16. Quantizing in the kernel, 4 or 8 rows
     # repeated 4 or 2 times to fill tl.dot's 16 columns were measured 1.3x and 2x slower
     # than 16 rows with the unused ones masked (H200, Triton 3.6; NOTES.md).
-    block_m = min(16, triton.next_power_of_2(m))
+    block_m = min(16, next_power_of_2(m))
     if not x_fp8 and block_m > 2:
         block_m = 16
     use_dot = cfg.use_dot or m > 1 or cfg.block_n > 128  # the FMA path is M = 1 only
@@ -472,7 +473,7 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.T
         block_m = 1
     split = pick_split(m, n, k, cfg, num_sms(x.device))
     (w, sw_t, bias), more = parts[0], parts[1:]
-    _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, triton.cdiv(m, block_m),
+    _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, cdiv(m, block_m),
             use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0, more=more)
     return out
 
@@ -487,9 +488,9 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     m, k = out.shape[0], x.shape[1]
     n = out.shape[1]
     grouped = offs is not None
-    n_kb = triton.cdiv(k, BLOCK_K)
-    per_split = triton.cdiv(n_kb, split)
-    tiles_n = sum(triton.cdiv(wi.shape[-2], cfg.block_n) for wi in (w, *(p[0] for p in more)))  # [E,] N, K
+    n_kb = cdiv(k, BLOCK_K)
+    per_split = cdiv(n_kb, split)
+    tiles_n = sum(cdiv(wi.shape[-2], cfg.block_n) for wi in (w, *(p[0] for p in more)))  # [E,] N, K
     (w1, sw1, b1), (w2, sw2, b2) = (list(more) + [(w, sw_t, bias)] * 2)[:2]
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
@@ -512,7 +513,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         USE_DOT=use_dot, EXACT_CAST=interpreting(),
         PDL=pdl, PREFETCH=0 if interpreting() or grouped else cfg.prefetch,
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
-        GROUPED=grouped and not row_ids, E_POW2=triton.next_power_of_2(w.shape[0] + 1) if grouped else 1,
+        GROUPED=grouped and not row_ids, E_POW2=next_power_of_2(w.shape[0] + 1) if grouped else 1,
         ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -588,7 +589,7 @@ def grouped_gemv(
     if bm not in (1, 2, 4, 8, 16):
         raise ValueError(f"fp8fx grouped_gemv: block_m must be 1, 2, 4, 8 or 16, got {bm}")
     tiles_m = max_row_tiles(t, e, bm)
-    expected_tiles = min(tiles_m, triton.cdiv(t, bm) + (0 if bm == 1 else min(e, t) // 2))
+    expected_tiles = min(tiles_m, cdiv(t, bm) + (0 if bm == 1 else min(e, t) // 2))
     split = pick_split(t, n, k, cfg, num_sms(x.device), row_tiles=expected_tiles)
     _launch(x, x, (0, 0), w, sw_t, None, out, cfg, split, bm, tiles_m, use_dot=True, x_fp8=False, static=False,
             act_ue8m0=act_ue8m0, e8m0=e8m0, offs=offs.to(torch.int32))

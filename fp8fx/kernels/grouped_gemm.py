@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import act_quant, interpreting
+from fp8fx.kernels.host import cdiv, next_power_of_2
 
 __all__ = ["expert_tile", "grouped_gemm", "grouped_linear", "max_row_tiles", "scaled_dot_k_loop"]
 
@@ -84,7 +85,7 @@ def max_row_tiles(rows: int, experts: int, block_m: int) -> int:
     the tail one more. The grid's row dimension; tiles past the last one return at once."""
     if block_m == 1:
         return rows + 1
-    return triton.cdiv(rows, block_m) + min(experts, rows) + 1
+    return cdiv(rows, block_m) + min(experts, rows) + 1
 
 
 @triton.jit
@@ -156,9 +157,9 @@ def grouped_gemm(
         raise ValueError(f"fp8fx grouped_gemm: offs must have shape ({e},), got {tuple(offs.shape)}")
     if 128 % block_n:
         raise ValueError("fp8fx grouped_gemm: block_n must divide 128")
-    if tuple(sa.shape) != (t, triton.cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
+    if tuple(sa.shape) != (t, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
         raise ValueError(
-            f"fp8fx grouped_gemm: activation scales must be fp32 ({t}, {triton.cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
+            f"fp8fx grouped_gemm: activation scales must be fp32 ({t}, {cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
         )
     if not (a.is_cuda or interpreting()):
         raise RuntimeError(f"fp8fx grouped_gemm: the Triton kernel needs CUDA tensors, got {a.device}")
@@ -174,14 +175,14 @@ def grouped_gemm(
     offs = offs.to(torch.int32)
 
     # (3) launch
-    grid = (max_row_tiles(t, e, block_m), triton.cdiv(n, block_n))
+    grid = (max_row_tiles(t, e, block_m), cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a, sa, b, sb_t, out, offs,
         t, n, k, e,
         a.stride(0), sa.stride(0), sa.stride(1),
         b.stride(0), b.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2),
         out.stride(0),
-        B_SCALE_E8M0=e8m0, E_POW2=triton.next_power_of_2(e + 1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -243,6 +244,6 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         expert_of_row = torch.searchsorted(offs, rows, right=True).clamp_max(offs.numel() - 1)
         row_scale = act_scale.float()[expert_of_row]
         xq = (x.float() / row_scale[:, None]).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(reference.FP8_DTYPE)
-        xs = row_scale[:, None].expand(-1, triton.cdiv(x.shape[1], BLOCK_K))
+        xs = row_scale[:, None].expand(-1, cdiv(x.shape[1], BLOCK_K))
     bm, warps, stages = config_for(x.shape[0], qweight.shape[0])
     return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm, num_warps=warps, num_stages=stages)

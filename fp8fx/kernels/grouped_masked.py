@@ -28,6 +28,7 @@ import triton.language as tl
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
 from fp8fx.kernels.grouped_gemm import scaled_dot_k_loop
+from fp8fx.kernels.host import cdiv
 
 __all__ = [
     "CONFIGS",
@@ -171,19 +172,19 @@ def masked_act_quant(
         raise ValueError(f"fp8fx masked_act_quant: act_scale must have shape ({e},), got {tuple(act_scale.shape)}")
     _check_device(x, "masked_act_quant")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    groups = triton.cdiv(k, BLOCK_K)
+    groups = cdiv(k, BLOCK_K)
     q = torch.empty(e, m, k, dtype=reference.FP8_DTYPE, device=x.device)
     if static:
         act = act_scale.float().contiguous()
         s = act[:, None, None].expand(e, m, groups)
     elif mn_major:
-        s = torch.empty(e, groups, triton.cdiv(m, 4) * 4, dtype=torch.float32, device=x.device)
+        s = torch.empty(e, groups, cdiv(m, 4) * 4, dtype=torch.float32, device=x.device)
         s = s.transpose(1, 2)[:, :m]
     else:
         s = torch.empty(e, m, groups, dtype=torch.float32, device=x.device)
     if e and m and k:
         block_t = 16 if m <= 16 else 32
-        _masked_act_quant_kernel[(triton.cdiv(m, block_t), groups, e)](
+        _masked_act_quant_kernel[(cdiv(m, block_t), groups, e)](
             x, q, s, masked_m, act if static else masked_m,
             m, k,
             x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), s.stride(2),
@@ -218,7 +219,7 @@ def grouped_gemm_masked(
         raise ValueError(f"fp8fx grouped_gemm_masked: K must match ({k} vs {b.shape[2]}) and be a multiple of 16")
     if a.dtype != reference.FP8_DTYPE or b.dtype != reference.FP8_DTYPE:
         raise TypeError(f"fp8fx grouped_gemm_masked: expected fp8 e4m3 operands, got {a.dtype} and {b.dtype}")
-    groups = triton.cdiv(k, BLOCK_K)
+    groups = cdiv(k, BLOCK_K)
     if tuple(sa.shape) != (e, m, groups) or sa.dtype != torch.float32:
         raise ValueError(
             f"fp8fx grouped_gemm_masked: activation scales must be fp32 {(e, m, groups)}, "
@@ -243,7 +244,7 @@ def grouped_gemm_masked(
         return out
 
     # (3) launch: one program per (M tile, N tile, expert), padding tiles included
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), e)
+    grid = (cdiv(m, block_m), cdiv(n, block_n), e)
     _masked_gemm_kernel[grid](
         a, sa, b, sb_t, out, masked_m,
         m, n, k,
