@@ -25,11 +25,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources() -> tuple[str, ...]:
-    # The passes and the op definitions they rewrite: a change to either changes the graph.
+    # The passes, the op definitions they rewrite and the dispatch table that decides the
+    # decode grouping and the lowering's choice: a change to any changes the compiled graph.
+    import fp8fx.kernels.dispatch
     import fp8fx.ops
     import fp8fx.reference
 
-    return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (fp8fx.ops.__file__, fp8fx.reference.__file__)
+    return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (
+        fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__)
 
 
 class PostGradPass(CustomGraphPass):
@@ -48,4 +51,7 @@ class PostGradPass(CustomGraphPass):
         linear.rewrite(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_sources(), extra=repr(self.config))
+        from fp8fx.kernels import dispatch
+
+        # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
+        return get_hash_for_files(_sources(), extra=repr(self.config) + dispatch.get_preference())

@@ -928,3 +928,10 @@ def test_pass_uuid():
     assert PostGradPass().uuid() == PostGradPass().uuid()
     assert PostGradPass().uuid() != PostGradPass(BlockFP8Config(scale_fmt="ue8m0")).uuid()
     assert isinstance(PostGradPass().uuid(), bytes)
+    from fp8fx.kernels import dispatch
+
+    # The kernel preference changes the decode grouping and the lowering: part of the key.
+    with dispatch.preference("auto"):
+        auto = PostGradPass().uuid()
+    with dispatch.preference("cublas"):
+        assert PostGradPass().uuid() != auto
