@@ -193,7 +193,9 @@ def check_cat_args(xq, xs, qweights, wscales, biases, block_size) -> None:
         _check_bias(bias, qweight.shape[0])
     if len({s.dtype for s in wscales}) > 1:
         raise TypeError(f"fp8fx: block_gemm_cat weights must share one scale dtype, got {[s.dtype for s in wscales]}")
-    _check_same_device(xq=xq, xs=xs, **{f"qweight{i}": w for i, w in enumerate(qweights)})
+    named = {f"{name}{i}": t for name, ts in (("qweight", qweights), ("wscale", wscales), ("bias", biases))
+             for i, t in enumerate(ts)}
+    _check_same_device(xq=xq, xs=xs, **named)
 
 
 @torch.library.custom_op("fp8fx::block_gemm_cat", mutates_args=())

@@ -202,14 +202,9 @@ def linear(
     """
     if act_scale is None:
         xq, xs = quantize_act(x, block_size[1], _scale_fmt_of(wscale))
-        xd = dequantize_act(xq, xs, block_size[1])
     else:
-        xd = dequantize_act(quantize_act_static(x, act_scale), act_scale)
-    wd = dequantize_weight(qweight, wscale, block_size)
-    y = xd @ wd.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+        xq, xs = quantize_act_static(x, act_scale), act_scale
+    return block_gemm(xq, xs, qweight, wscale, bias, block_size, x.dtype)
 
 
 def block_gemm(

@@ -183,14 +183,11 @@ def _quant_source(xq, xs):
     return src if ok else None
 
 
-def _one_launch(m, n: int, k: int, out_dtype: torch.dtype, device: torch.device, width: int) -> bool:
+def _one_launch(m, n: int, k: int, out_dtype: torch.dtype, device: torch.device) -> bool:
     """A static M whose concatenated GEMM (M, n, K) the kernels run as one gemv_cat launch."""
     from fp8fx.kernels import dispatch
-    from fp8fx.kernels.gemv import MAX_CAT
 
-    if not isinstance(m, int) or m <= 0 or width > MAX_CAT:
-        return False
-    return dispatch.choose(m, n, k, out_dtype, device) == "gemv"
+    return isinstance(m, int) and m > 0 and dispatch.choose(m, n, k, out_dtype, device) == "gemv"
 
 
 def group_gemms(graph: torch.fx.Graph) -> None:
@@ -218,7 +215,7 @@ def group_gemms(graph: torch.fx.Graph) -> None:
             n = sum(_val(node.args[2]).shape[0] for node in run)
             # Weights, scales and biases must exist where the group's launch goes (first's place).
             inputs_ready = all(order[a] < order[first] for node in run for a in node.args[2:5] if isinstance(a, torch.fx.Node))
-            if len(run) < 2 or not inputs_ready or not _one_launch(m, n, _val(xq).shape[-1], out_dtype, _val(xq).device, len(run)):
+            if len(run) < 2 or not inputs_ready or not _one_launch(m, n, _val(xq).shape[-1], out_dtype, _val(xq).device):
                 continue
             with graph.inserting_before(first):
                 cat = _call(graph, torch.ops.fp8fx.block_gemm_cat.default, xq, xs, [node.args[2] for node in run],

@@ -191,11 +191,13 @@ def _act_inputs(xq, xs):
     return xq2, xs2, lead, m, k, static_act
 
 
-def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, n_weights, has_bias):
-    """What a compiled graph calls for fp8fx.block_gemm_cat: ``operands`` are the n_weights
-    qweights, then their scales, then (``has_bias``) their biases, flattened for the wrapper."""
-    ws, ss = list(operands[:n_weights]), list(operands[n_weights:2 * n_weights])
-    bs = list(operands[2 * n_weights:]) if has_bias else [None] * n_weights
+def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, bias_slots):
+    """What a compiled graph calls for fp8fx.block_gemm_cat: ``operands`` are the qweights,
+    then their scales, then the biases that exist, flattened for the wrapper;
+    ``bias_slots[i]`` says whether weight i has one."""
+    count = len(bias_slots)
+    ws, ss, present = list(operands[:count]), list(operands[count:2 * count]), iter(operands[2 * count:])
+    bs = [next(present) if has else None for has in bias_slots]
     if not xq.is_cuda:
         return torch.ops.fp8fx.block_gemm_cat.default(xq, xs, ws, ss, bs, list(block_size), out_dtype)
     from fp8fx import kernels
@@ -212,21 +214,18 @@ def _cat_extern_choice():
 
 def _block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, out_dtype):
     """fp8fx.block_gemm_cat (the pass emits it for decode-sized static M only): the extern,
-    which takes one gemv_cat launch on CUDA. Biases are all given or all None (the pass)."""
+    which takes one gemv_cat launch on CUDA."""
     from torch._inductor import ir
     from torch._inductor.lowering import lowerings
 
     counters["fp8fx"]["block_gemm_cat_lowered"] += 1
     xq2, xs2, lead, m, _, _ = _act_inputs(xq, xs)
-    has_bias = biases[0] is not None
-    if any((b is not None) != has_bias for b in biases):
-        raise ValueError("fp8fx: block_gemm_cat lowering needs a bias for every weight or for none")
-    operands = [_contiguous(t) for t in (*qweights, *wscales, *(biases if has_bias else ()))]
+    operands = [_contiguous(t) for t in (*qweights, *wscales, *(b for b in biases if b is not None))]
     n = sum(w.get_size()[0] for w in qweights)
     layout = ir.FixedLayout(xq.get_device(), out_dtype, [m, n])
     node = _cat_extern_choice().bind(
-        [xq2, xs2, *operands], layout, out_dtype=out_dtype, block_size=list(block_size), n_weights=len(qweights),
-        has_bias=has_bias,
+        [xq2, xs2, *operands], layout, out_dtype=out_dtype, block_size=list(block_size),
+        bias_slots=[b is not None for b in biases],
     ).output_node()
     return lowerings[torch.ops.aten.reshape.default](node, [*lead, n])
 

@@ -829,6 +829,13 @@ def test_block_gemm_cat_op():
     y = torch.ops.fp8fx.block_gemm_cat(xq, xs, [w for w, _ in ws], [s for _, s in ws], biases, [128, 128], torch.float32)
     expect = torch.cat([R.block_gemm(xq, xs, w, s, b, (128, 128), torch.float32) for (w, s), b in zip(ws, biases)], -1)
     assert torch.equal(y, expect) and y.shape == (3, 400)
+    # Compiled, the op lowers to one extern call that takes the biases that exist.
+    with fresh_compile():
+        fn = torch.compile(lambda *a: torch.ops.fp8fx.block_gemm_cat(*a, [128, 128], torch.float32), backend=backend,
+                           fullgraph=True)
+        y_c, codes = run_and_get_code(fn, xq, xs, [w for w, _ in ws], [s for _, s in ws], biases)
+        assert counters["fp8fx"]["block_gemm_cat_lowered"] == 1 and "fp8fx_block_gemm_cat(" in codes[0]
+    assert torch.equal(y_c, expect)
     (w0, s0), (w1, s1) = ws[:2]
     with pytest.raises(ValueError, match="one or more weights"):
         torch.ops.fp8fx.block_gemm_cat(xq, xs, [], [], [], [128, 128], BF16)

@@ -366,10 +366,11 @@ def test_gemv_cat(m, ns, k, scale_fmt):
         assert _TICKETS[x.device].count_nonzero().item() == 0
 
 
-def test_cublas_plan_reused_and_invalidated():
-    """The second cuBLAS GEMM call on one weight at one M takes the recorded plan (one
-    torch._scaled_mm) and gives the same bits; an in-place change of the weight scale, another
-    M or row-major scales go through the checked path again."""
+def test_cublas_route_reused_and_invalidated():
+    """The second cuBLAS GEMM call on one weight at one M takes the recorded route (one
+    torch._scaled_mm) and gives the same bits; an in-place change of the weight scale is
+    picked up (prepared_weight_scale), another M or row-major scales go through the checked
+    path again."""
     from fp8fx import kernels
     from fp8fx.kernels import dispatch
     from fp8fx.kernels.act_quant import act_quant
@@ -380,13 +381,13 @@ def test_cublas_plan_reused_and_invalidated():
     xq, xs = act_quant(x, False, col_major=True)
     ref = reference.dequantize_act(xq, xs).double() @ reference.dequantize_weight(wq, ws).double().t()
     with dispatch.preference("cublas"):
-        kernels._CUBLAS_PLANS.clear()
+        kernels._CUBLAS_ROUTES.clear()
         y1 = kernels.block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16)
-        assert len(kernels._CUBLAS_PLANS) == 1
+        assert len(kernels._CUBLAS_ROUTES) == 1
         y2 = kernels.block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16)
         assert torch.equal(y1, y2) and _rel(y2, ref) <= 2e-3
         assert _rel(kernels.block_gemm_cuda(xq, xs.contiguous(), wq, ws, None, [128, 128], torch.bfloat16), ref) <= 2e-3
-        ws.mul_(2.0)  # in place: the plan's prepared scale is stale
+        ws.mul_(2.0)  # in place: the prepared scale is rebuilt
         y3 = kernels.block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16)
         assert _rel(y3, 2 * ref) <= 2e-3
         y4 = kernels.block_gemm_cuda(xq[:128], xs[:128], wq, ws, None, [128, 128], torch.bfloat16)

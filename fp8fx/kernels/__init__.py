@@ -125,51 +125,46 @@ def act_quant_cuda(x, group_size, ue8m0):
     return quant(x, ue8m0, group_size)
 
 
-# The cuBLAS calls a compiled prefill graph repeats: per (weight, scale, M, dtype, preference),
-# what a call already checked and prepared (the transposed weight, the cuBLAS scale layout),
-# so the next call with aligned rows and column-major scales is one torch._scaled_mm. A GEMM
-# wrapper's Python runs once per GEMM per forward, on the host's critical path at prefill.
-_CUBLAS_PLANS: dict[tuple, tuple] = {}
-_MAX_PLANS = 1 << 14
+# The cuBLAS calls a compiled prefill graph repeats: per (weight, M, dtype, preference), a
+# weak reference to the weight once a call has taken the cuBLAS route with aligned rows, so
+# the next call whose operands have the same layout is one torch._scaled_mm (the scale comes
+# from prepared_weight_scale, which tracks the scale tensor). A GEMM wrapper's Python runs
+# once per GEMM per forward, on the host's critical path at prefill.
+_CUBLAS_ROUTES: dict[tuple, weakref.ref] = {}
+_MAX_ROUTES = 1 << 14
 
 
-def _cublas_plan_call(xq, xs, qweight, wscale, bias, out_dtype):
-    """torch._scaled_mm from a recorded plan, or None when there is none or it does not fit."""
+def _cublas_route_call(xq, xs, qweight, wscale, bias, out_dtype):
+    """torch._scaled_mm for a recorded route whose operands fit it, else None."""
     from fp8fx.kernels import dispatch
 
     if bias is not None or xq.dim() != 2:
         return None
     m = xq.shape[0]
-    plan = _CUBLAS_PLANS.get((id(qweight), id(wscale), m, out_dtype, dispatch._preference))
-    if plan is None:
+    ref = _CUBLAS_ROUTES.get((id(qweight), m, out_dtype, dispatch._preference))
+    if ref is None or ref() is not qweight:
         return None
-    w_ref, s_ref, version, w_t, prepared, xs_shape = plan
-    if w_ref() is not qweight or s_ref() is not wscale or (version is not None and wscale._version != version):
-        return None
-    # The layout the plan's first call was checked for: xq [M, K] row-major fp8, xs [M, nK]
+    # The layout the route's first call was checked for: xq [M, K] row-major fp8, xs [M, nK]
     # fp32 column-major (the compiled graph's quant writes it so).
-    if xs.shape != xs_shape or xs.stride() != (1, m) or xs.dtype != torch.float32 or not xs.is_cuda:
+    if xs.shape != (m, wscale.shape[1]) or xs.stride() != (1, m) or xs.dtype != torch.float32 or not xs.is_cuda:
         return None
-    if xq.shape[1] != w_t.shape[0] or not xq.is_contiguous() or xq.dtype != qweight.dtype:
+    if xq.shape[1] != qweight.shape[1] or not xq.is_contiguous() or xq.dtype != qweight.dtype:
         return None
-    return torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=prepared, out_dtype=out_dtype)
+    prepared = prepared_weight_scale(wscale, qweight.shape[0], "cublas")
+    return torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=prepared, out_dtype=out_dtype)
 
 
-def _record_cublas_plan(xq, qweight, wscale, out_dtype):
+def _record_cublas_route(xq, qweight, out_dtype):
     from fp8fx.kernels import dispatch
 
-    if len(_CUBLAS_PLANS) >= _MAX_PLANS:
-        _CUBLAS_PLANS.clear()
-    version = None if wscale.is_inference() else wscale._version
-    prepared = prepared_weight_scale(wscale, qweight.shape[0], "cublas")
-    key = (id(qweight), id(wscale), xq.shape[0], out_dtype, dispatch._preference)
-    xs_shape = (xq.shape[0], wscale.shape[1])  # [M, nK]
-    _CUBLAS_PLANS[key] = (weakref.ref(qweight), weakref.ref(wscale), version, qweight.t(), prepared, xs_shape)
+    if len(_CUBLAS_ROUTES) >= _MAX_ROUTES:
+        _CUBLAS_ROUTES.clear()
+    _CUBLAS_ROUTES[(id(qweight), xq.shape[0], out_dtype, dispatch._preference)] = weakref.ref(qweight)
 
 
 def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     """CUDA fp8fx::block_gemm: xq[..., K] fp8 with xs[..., nK] (or a scalar) -> y[..., N]."""
-    y = _cublas_plan_call(xq, xs, qweight, wscale, bias, out_dtype)
+    y = _cublas_route_call(xq, xs, qweight, wscale, bias, out_dtype)
     if y is not None:
         return y
     from fp8fx import reference
@@ -203,7 +198,7 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         mp = cdiv(m, cublas.M_ALIGN) * cublas.M_ALIGN
         if mp == m:
             if backend == "cublas" and bias is None and xq.dim() == 2 and not static:
-                _record_cublas_plan(xq, qweight, wscale, out_dtype)
+                _record_cublas_route(xq, qweight, out_dtype)
             xq_p = xq2.contiguous()
             xs_p = xs2.t().contiguous()
         else:

@@ -68,6 +68,18 @@ def _shapes(dense: dict, sets: list[str] | None) -> list[tuple[str, int, int, in
     return out
 
 
+def _time_all(fns: dict, rep_ms: float, shape: str) -> dict:
+    """ms per call of every named fn; a backend refusing a shape is a result (nan), not a crash."""
+    ms = {}
+    for name, fn in fns.items():
+        try:
+            ms[name] = _bench(fn, rep_ms)
+        except Exception as e:
+            print(f"  {name} failed at {shape}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            ms[name] = float("nan")
+    return ms
+
+
 def _bench(fn, rep_ms: int) -> float:
     """Median ms of fn's GPU work, replayed from a CUDA graph: decode-sized GEMMs take a few
     microseconds, less than Python takes to launch them, and serving runs them in graphs."""
@@ -127,13 +139,7 @@ def _bench_shape(m, n, k, rep_ms, l2):
         fns["lin/fused"] = rot(lambda s: block_gemm(s["x"], None, s["wq"], s["ws"], None, torch.bfloat16))
     if not cublas.supports(k, torch.bfloat16):
         del fns["cublas"], fns["lin/cub"]
-    ms = {}
-    for name, fn in fns.items():
-        try:
-            ms[name] = _bench(fn, rep_ms)
-        except Exception as e:  # a backend refusing a shape is a result, not a crash
-            print(f"  {name} failed at {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-            ms[name] = float("nan")
+    ms = _time_all(fns, rep_ms, f"{m}x{n}x{k}")
     flop = 2.0 * m * n * k
     tf = {key: flop / (t * 1e-3) / 1e12 for key, t in ms.items()}
     return dict(m=m, n=n, k=k, ms=ms, tflops=tf)
@@ -437,13 +443,7 @@ def _small_m_bench(set_name, m, n, k, rep_ms, l2, cfgs) -> dict:
     }
     if not cublas.supports(k, torch.bfloat16):
         del fns["cublas"], fns["lin/cub"]
-    ms = {}
-    for name, fn in fns.items():
-        try:
-            ms[name] = _bench(fn, rep_ms)
-        except Exception as e:
-            print(f"  {name} failed at {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-            ms[name] = float("nan")
+    ms = _time_all(fns, rep_ms, f"{m}x{n}x{k}")
     gbs = {key: (2 if key == "bf16" else 1) * n * k / (t * 1e-3) / 1e9 for key, t in ms.items()}
     return dict(set=set_name, m=m, n=n, k=k, ms=ms, gbs=gbs, cfg={key: str(c) for key, c in cfgs.items()})
 
