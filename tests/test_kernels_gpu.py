@@ -4,6 +4,8 @@ Legend: M tokens, N out_features, K in_features. Outputs come from the caching a
 after it has been filled with NaN ("poisoned"), so an unwritten element shows as NaN.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -204,7 +206,8 @@ def test_linear_under_inference_mode(pref):
 
 # --- gemv (small M) ---------------------------------------------------------------------------
 # Configs: the tensor-core paths (wgmma at block_n >= 64, mma.sync at 32), the fp32-FMA path
-# (M = 1), each with and without a ticketed split-K; every gemv.CONFIGS entry in test_gemv_configs.
+# (M = 1), each with and without a ticketed split-K, weight tiles through TMA descriptors; every
+# gemv.CONFIGS entry in test_gemv_configs.
 
 
 def _gemv_cfgs():
@@ -213,7 +216,8 @@ def _gemv_cfgs():
     return [GemvConfig(64, 4, 4, split_k=1), GemvConfig(32, 4, 4, split_k=3), GemvConfig(128, 4, 4, split_k=5),
             GemvConfig(32, 4, 4, split_k=3, use_dot=False),
             GemvConfig(128, 4, 3, split_k=4, pdl=True, prefetch=4), GemvConfig(128, 8, 3, split_k=2, use_dot=False, pdl=True),
-            GemvConfig(128, 4, 3, split_k=3, kb_iter=2), GemvConfig(128, 8, 3, split_k=3, use_dot=False, kb_iter=2)]
+            GemvConfig(128, 4, 3, split_k=3, kb_iter=2), GemvConfig(128, 8, 3, split_k=3, use_dot=False, kb_iter=2),
+            GemvConfig(64, 4, 3, split_k=3, tma=True), GemvConfig(128, 4, 4, split_k=1, pdl=True, tma=True)]
 
 
 def _identity(k):
@@ -335,7 +339,8 @@ def test_gemv_fp8_input_routes(m, n, k):
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((2048, 512, 144), 2048)])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-def test_gemv_cat(m, ns, k, scale_fmt):
+@pytest.mark.parametrize("tma", [False, True])
+def test_gemv_cat(m, ns, k, scale_fmt, tma):
     """One launch over q/k/v or gate/up (Llama-3-8B, Qwen3-30B-A3B attention and an uneven
     third weight): bit-equal to torch.cat of the single gemvs with the same config, within
     2e-3 of the exact product, through the op (block_gemm_cat_cuda) too."""
@@ -348,7 +353,7 @@ def test_gemv_cat(m, ns, k, scale_fmt):
     biases = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in ns] if m == 2 else None
     x = _x(m, k, seed=m, outliers=True)
     xq, xs = act_quant(x, scale_fmt == "ue8m0", col_major=True)
-    cfg = dispatch.gemv_config(m, sum(ns), k, True)
+    cfg = dataclasses.replace(dispatch.gemv_config(m, sum(ns), k, True), tma=tma)
     _poison()
     y = gemv_cat(xq, xs, ws, ss, biases, torch.bfloat16, config=cfg)
     parts = [gemv(xq, xs, w, s, None if biases is None else biases[i], torch.bfloat16, config=cfg)
@@ -394,8 +399,8 @@ def test_cublas_route_reused_and_invalidated():
         assert _rel(y4, 2 * ref[:128]) <= 2e-3
 
 
-@pytest.mark.parametrize("first_use_in_graph", [False, True])
-def test_gemv_deterministic_and_cuda_graph(first_use_in_graph):
+@pytest.mark.parametrize("first_use_in_graph,tma", [(False, False), (True, False), (False, True)])
+def test_gemv_deterministic_and_cuda_graph(first_use_in_graph, tma):
     """Split-K sums in a fixed order: identical bits run to run; the persistent tickets are
     left zeroed; in a CUDA graph (persistent tickets, or, when the first split gemv of the
     device is being captured, tickets zeroed in the graph) replays match eager."""
@@ -404,7 +409,7 @@ def test_gemv_deterministic_and_cuda_graph(first_use_in_graph):
 
     wq, ws = _weight(4096, 14336, "float32")
     x = _x(4, 14336, seed=9, outliers=True)
-    cfg = GemvConfig(64, 4, 4, split_k=8)
+    cfg = GemvConfig(64, 4, 4, split_k=8, tma=tma)  # TMA: descriptors encoded at capture
     first = gemv(x, None, wq, ws, None, torch.float32, config=cfg)
     for _ in range(5):
         assert torch.equal(gemv(x, None, wq, ws, None, torch.float32, config=cfg), first)

@@ -187,7 +187,8 @@ def test_block_gemm_auto_split_k():
 # Dot with one program per N tile; dot with split-K 3 (ticketed reduction); a 256-wide tile
 # (two weight scale rows per tile); the fp32-FMA path (M = 1; larger M takes the dot); two K
 # blocks per iteration (K = 272 -> 3 blocks: the second split's second block is masked off);
-# the FMA path with double-buffered weight loads.
+# the FMA path with double-buffered weight loads; weight tiles through TMA descriptors (zero
+# fill past N and K instead of masks), split and 256 wide.
 GEMV_CONFIGS = {
     "dot_n64": dict(block_n=64, num_warps=4, num_stages=1, split_k=1),
     "dot_n32_split3": dict(block_n=32, num_warps=4, num_stages=1, split_k=3),
@@ -195,6 +196,8 @@ GEMV_CONFIGS = {
     "fma_n32_split2": dict(block_n=32, num_warps=4, num_stages=1, split_k=2, use_dot=False),
     "dot_n64_split2_kbiter2": dict(block_n=64, num_warps=4, num_stages=1, split_k=2, kb_iter=2),
     "fma_n64_split2_double_buffer": dict(block_n=64, num_warps=4, num_stages=1, split_k=2, use_dot=False, kb_iter=2),
+    "tma_n64_split2": dict(block_n=64, num_warps=4, num_stages=1, split_k=2, tma=True),
+    "tma_n256": dict(block_n=256, num_warps=4, num_stages=1, split_k=1, tma=True),
 }
 
 
@@ -334,7 +337,7 @@ def test_gemv_auto_config_and_edges():
 
 @interpreted
 @pytest.mark.parametrize("ns", [(144, 16, 200), (64, 144)])
-@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "dot_n256_split2", "fma_n32_split2"])
+@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "dot_n256_split2", "fma_n32_split2", "tma_n64_split2"])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
 def test_gemv_cat(ns, cfg_name, scale_fmt):
     """One launch over 2-3 weights (q/k/v, gate/up) is torch.cat of the single gemvs, bit for
@@ -363,6 +366,32 @@ def test_gemv_cat(ns, cfg_name, scale_fmt):
 
     if cfg.split_k > 1:
         assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
+
+
+@interpreted
+def test_gemv_tma_route_and_fallback(monkeypatch):
+    """tma configs load weight tiles through descriptors where TMA can address the weight
+    (16-byte aligned start and row stride; a column slice of a wider weight too) and fall
+    back to masked pointer loads where it cannot (an 8-byte aligned start); both give the
+    pointer path's sums."""
+    from fp8fx.kernels import gemv as gemv_mod
+    from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    made = []
+    real = gemv_mod._descriptor
+    monkeypatch.setattr(gemv_mod, "_descriptor", lambda w, bn: made.append(tuple(w.stride())) or real(w, bn))
+    tma, plain = GemvConfig(64, 4, 1, split_k=2, tma=True), GemvConfig(64, 4, 1, split_k=2)
+    wide, wide_s = _weight(144, 416, "float32", seed=5)
+    cases = [(*_weight(144, 400, "float32", seed=4), [(400, 1)]),
+             (wide[:, :400], wide_s[:, :4], [(416, 1)]),  # strided rows: still TMA
+             (wide[:, 8:408], wide_s[:, :4], [])]  # start 8 bytes off alignment: pointers
+    for wq, ws, expect in cases:
+        x = _gemv_x(3, 400, torch.bfloat16, seed=len(expect))
+        made.clear()
+        y = gemv(x, None, wq, ws, None, torch.float32, config=tma)
+        assert made == expect
+        assert torch.equal(y, gemv(x, None, wq, ws, None, torch.float32, config=plain))
+        assert _rel(y, _exact(*reference.quantize_act(x), wq, ws, None)) < 1e-5
 
 
 @interpreted

@@ -255,8 +255,14 @@ def _table(rows: list[dict], aq: dict | None) -> str:
 _DEVICE = "cuda"  # a dry run of this code path under TRITON_INTERPRET=1 sets "cpu"
 
 
+# Qwen3-30B-A3B's attention projections (shapes.json models: hidden 2048, 32 query and 4
+# key/value heads of 128): q/k/v concatenated and o, the dense GEMMs of its decode.
+_QWEN3_MOE_ATTN = {"qwen3_moe_attn": {"M": [1, 16], "NK": [[5120, 2048], [2048, 4096]]}}
+
+
 def _small_m_shapes(dense: dict) -> list[tuple[str, int, int, int]]:
-    ms = {"llama3_8b": (1, 2, 4, 8, 16), "dsv3": (1, 16), "edge": (1, 7)}
+    ms = {"llama3_8b": (1, 2, 4, 8, 16), "dsv3": (1, 16), "edge": (1, 7), "qwen3_moe_attn": (1, 16)}
+    dense = {**dense, **_QWEN3_MOE_ATTN}
     out = []
     for m in (1, 16, 2, 4, 8, 7):  # M = 1 first: the sweep may stop at its deadline
         for name, spec in dense.items():
@@ -555,7 +561,8 @@ def _layer_chain(rep_ms: int, cfgs: dict) -> str:
 def _cfg_src(c) -> str:
     """GemvConfig as dispatch.py spells it."""
     args = [str(c.block_n), str(c.num_warps), str(c.num_stages), str(c.split_k)]
-    args += [f"{f}={v!r}" for f, v, d in (("use_dot", c.use_dot, True), ("pdl", c.pdl, False), ("prefetch", c.prefetch, 0)) if v != d]
+    args += [f"{f}={v!r}" for f, v, d in (("use_dot", c.use_dot, True), ("pdl", c.pdl, False), ("prefetch", c.prefetch, 0),
+                                               ("kb_iter", c.kb_iter, 1), ("tma", c.tma, False)) if v != d]
     return f"GemvConfig({', '.join(args)})"
 
 
@@ -583,6 +590,8 @@ def _small_m_main(args, l2: int, header: str) -> int:
     shapes = _small_m_shapes(_load_dense(args.shapes))
     if args.sets:
         shapes = [s for s in shapes if s[0] in args.sets]
+    if args.ms:
+        shapes = [s for s in shapes if s[1] in args.ms]
     best = {}
     if args.sweep:
         from fp8fx.kernels.gemv import CONFIGS
@@ -630,7 +639,8 @@ def _small_m_main(args, l2: int, header: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fp8fx bench gemm", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", help="shapes.json (default: shared/bench/shapes.json, else a built-in copy)")
-    p.add_argument("--sets", nargs="*", help="dense sets to run (dsv3 llama3_8b edge); default all")
+    p.add_argument("--sets", nargs="*", help="dense sets to run (dsv3 llama3_8b edge; --small-m also qwen3_moe_attn); default all")
+    p.add_argument("--ms", nargs="*", type=int, help="--small-m: only these token counts M")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time per measurement, ms")
     p.add_argument("--sweep", action="store_true", help="time every Triton config instead")
     p.add_argument("--small-m", action="store_true", help="decode shapes: the gemv against bf16 and the previous routes")

@@ -75,9 +75,10 @@ class GemvConfig:
     pdl: bool = False  # programmatic dependent launch (see the module docstring)
     prefetch: int = 0  # weight K blocks per program prefetched into L2 first (0 or a power of two)
     kb_iter: int = 1  # K blocks per loop iteration (tensor-core path); FMA path: > 1 double-buffers
+    tma: bool = False  # weight tiles through TMA descriptors (tensor-core path, dense weights)
 
     def __str__(self) -> str:
-        extra = ("p" if self.pdl else "") + (f"f{self.prefetch}" if self.prefetch else "")
+        extra = ("t" if self.tma else "") + ("p" if self.pdl else "") + (f"f{self.prefetch}" if self.prefetch else "")
         extra += f"i{self.kb_iter}" if self.kb_iter > 1 else ""
         return f"{'dot' if self.use_dot else 'fma'}n{self.block_n}w{self.num_warps}s{self.num_stages}k{self.split_k}{extra}"
 
@@ -97,6 +98,10 @@ CONFIGS = [
     GemvConfig(128, 4, 3, kb_iter=2),
     GemvConfig(128, 8, 3, kb_iter=2),
     GemvConfig(128, 8, 3, use_dot=False, kb_iter=2),
+    GemvConfig(64, 4, 3, tma=True),
+    GemvConfig(64, 4, 4, tma=True),
+    GemvConfig(128, 4, 3, tma=True),
+    GemvConfig(128, 4, 4, tma=True),
 ]
 LAUNCH_VARIANTS = [(True, 0), (False, 4), (True, 4)]
 
@@ -161,7 +166,7 @@ def _gemv_kernel(
     W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
-    ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr, NUM_W: tl.constexpr,
+    ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr, NUM_W: tl.constexpr, W_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -233,8 +238,11 @@ def _gemv_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < row_end
     # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
+    # W_TMA: w_ptr is the weight's TMA descriptor, which fills rows and columns past its
+    # [N, K] with zeros.
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+    if not W_TMA:
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
     x_ptrs = x_ptr + (offs_m // ROW_DIV)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # [BM, BK]
     sx_ptrs = sx_ptr + offs_m * stride_sxm
     if BLOCK_N <= 128:
@@ -270,7 +278,9 @@ def _gemv_kernel(
                 kb_s = tl.minimum(kb, kb_end - 1)  # scale index kept in bounds
             else:
                 kb_s = kb
-            if not W_DOUBLE_BUFFER:
+            if W_TMA:
+                w = w_ptr.load([tile_n * BLOCK_N, kb * BLOCK_K])
+            elif not W_DOUBLE_BUFFER:
                 w = tl.load(w_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
             else:
                 w = w_next
@@ -501,9 +511,17 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     # PDL and the L2 prefetch run before the grid-dependency wait, but a grouped program
     # needs offs (written by the kernel before) to know its expert's weights: neither there.
     pdl = cfg.pdl and not interpreting() and not grouped
+    tma = cfg.tma and use_dot and not grouped and cfg.kb_iter == 1 and all(map(_tma_ok, (w, w1, w2)))
+    wa, wb, wc = w, w1, w2
+    if tma:  # one descriptor per distinct weight (w1 and w2 stand in for missing ones)
+        descs = {}
+        for t in (w, w1, w2):
+            if id(t) not in descs:
+                descs[id(t)] = _descriptor(t, cfg.block_n)
+        wa, wb, wc = descs[id(w)], descs[id(w1)], descs[id(w2)]
     _gemv_kernel[(tiles_n, split, tiles_m)](
-        x, sx_t, w, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
-        w1, sw1, b1 if b1 is not None else out, w2, sw2, b2 if b2 is not None else out,
+        x, sx_t, wa, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
+        wb, sw1, b1 if b1 is not None else out, wc, sw2, b2 if b2 is not None else out,
         m, n, k, per_split, split, w.shape[0] if grouped else 0,
         w.shape[-2], w1.shape[-2] if more else 0,
         x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
@@ -511,14 +529,27 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         X_FP8=x_fp8, STATIC_ACT=static, ACT_UE8M0=act_ue8m0,
         W_SCALE_E8M0=e8m0, HAS_BIAS=bias is not None, SPLIT=split > 1,
         USE_DOT=use_dot, EXACT_CAST=interpreting(),
-        PDL=pdl, PREFETCH=0 if interpreting() or grouped else cfg.prefetch,
+        PDL=pdl, PREFETCH=0 if interpreting() or grouped or tma else cfg.prefetch,
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
         GROUPED=grouped and not row_ids, E_POW2=next_power_of_2(w.shape[0] + 1) if grouped else 1,
-        ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more),
+        ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more), W_TMA=tma,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
+
+
+def _tma_ok(w: torch.Tensor) -> bool:
+    """A TMA descriptor can address w[N, K] fp8: 16-byte aligned start and row stride."""
+    return w.dim() == 2 and w.stride(1) == 1 and w.stride(0) % 16 == 0 and w.data_ptr() % 16 == 0
+
+
+def _descriptor(w: torch.Tensor, block_n: int):
+    """Host-side TMA descriptor of w[N, K] fp8 for [block_n, BLOCK_K] tiles (zero-filled
+    past N and K). Under a CUDA graph it is encoded once, at capture."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), [block_n, BLOCK_K])
 
 
 # Grouped: the default tile (the usual M <= 2 winner of the dense sweeps, NOTES.md).
