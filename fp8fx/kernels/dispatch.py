@@ -117,6 +117,11 @@ MEASURED = {
     (7, 576, 7168): ('gemv', 'gemv'),
     (7, 2112, 7168): ('gemv', 'gemv'),
     (7, 4096, 4480): ('gemv', 'gemv'),
+    # Qwen3-30B-A3B attention q/k/v and o (bench gemm --small-m, fifth session)
+    (1, 5120, 2048): ('gemv', 'gemv'),
+    (1, 2048, 4096): ('gemv', 'gemv'),
+    (16, 5120, 2048): ('cublas', 'gemv'),
+    (16, 2048, 4096): ('gemv', 'gemv'),
 }
 
 # The Triton family's route per class, used under preference "triton": GEMM alone (fp8
@@ -148,7 +153,9 @@ TRITON_DEFAULTS = {
 # gemv (small-M weight streaming): the best of gemv.CONFIGS x split-K x launch variants per
 # measured shape, (GEMM alone on fp8 activations, linear quantizing bf16 in the kernel), from
 # ``python -m fp8fx bench gemm --small-m --sweep`` (H200, Triton 3.6, 2026-11-22; per shape
-# the faster of two runs, NOTES.md "gemv"); other shapes take the nearest one's.
+# the faster of two runs, NOTES.md "gemv"; the Llama-3-8B and Qwen3-MoE attention rows at
+# M = 1 and 16 from the fifth session's sweep with the TMA configs); other shapes take the
+# nearest one's.
 GEMV_MEASURED = {
     (1, 2112, 7168): (GemvConfig(128, 8, 3, 14, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 14, use_dot=False, pdl=True)),
     (1, 24576, 1536): (GemvConfig(128, 4, 4, 2, pdl=True), GemvConfig(128, 4, 4, 2, pdl=True)),
@@ -156,10 +163,10 @@ GEMV_MEASURED = {
     (1, 7168, 16384): (GemvConfig(128, 4, 3, 8, pdl=True), GemvConfig(128, 4, 3, 8, pdl=True)),
     (1, 4096, 7168): (GemvConfig(128, 4, 3, 14, pdl=True), GemvConfig(128, 4, 3, 14, pdl=True)),
     (1, 7168, 2048): (GemvConfig(128, 8, 3, 4, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 4, use_dot=False, pdl=True)),
-    (1, 6144, 4096): (GemvConfig(128, 4, 4, 8, pdl=True), GemvConfig(128, 4, 4, 8, pdl=True)),
-    (1, 4096, 4096): (GemvConfig(128, 8, 3, 8, use_dot=False, pdl=True), GemvConfig(128, 8, 3, 8, use_dot=False, pdl=True)),
-    (1, 28672, 4096): (GemvConfig(128, 4, 3, 2), GemvConfig(128, 4, 3, 2)),
-    (1, 4096, 14336): (GemvConfig(128, 4, 3, 16, pdl=True), GemvConfig(128, 4, 3, 16, pdl=True)),
+    (1, 6144, 4096): (GemvConfig(128, 4, 4, 8, pdl=True, tma=True), GemvConfig(128, 4, 4, 8, pdl=True, prefetch=4, tma=True)),
+    (1, 4096, 4096): (GemvConfig(128, 8, 3, 8, use_dot=False, pdl=True), GemvConfig(128, 4, 3, 8, pdl=True, tma=True)),
+    (1, 28672, 4096): (GemvConfig(128, 4, 3, 2, tma=True), GemvConfig(128, 4, 3, 2, prefetch=4, tma=True)),
+    (1, 4096, 14336): (GemvConfig(128, 4, 3, 16, pdl=True), GemvConfig(128, 4, 3, 16, pdl=True, prefetch=4, tma=True)),
     (1, 576, 7168): (GemvConfig(128, 8, 3, 28, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 28, use_dot=False, pdl=True)),
     (1, 4096, 4480): (GemvConfig(128, 4, 4, 12, pdl=True), GemvConfig(128, 4, 4, 12, pdl=True)),
     (16, 2112, 7168): (GemvConfig(64, 4, 4, 14, pdl=True), GemvConfig(128, 8, 4, 14, pdl=True)),
@@ -168,9 +175,9 @@ GEMV_MEASURED = {
     (16, 7168, 16384): (GemvConfig(256, 8, 3, 8), GemvConfig(256, 8, 3, 8)),
     (16, 4096, 7168): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True, prefetch=4)),
     (16, 7168, 2048): (GemvConfig(128, 8, 4, 4), GemvConfig(128, 8, 4, 4, pdl=True)),
-    (16, 6144, 4096): (GemvConfig(128, 4, 3, 8), GemvConfig(128, 4, 3, 8, pdl=True)),
+    (16, 6144, 4096): (GemvConfig(128, 4, 3, 8, pdl=True), GemvConfig(128, 4, 3, 8, pdl=True)),
     (16, 4096, 4096): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True)),
-    (16, 28672, 4096): (GemvConfig(256, 8, 3, 2), GemvConfig(128, 8, 4, 1, pdl=True, prefetch=4)),
+    (16, 28672, 4096): (GemvConfig(256, 8, 3, 2), GemvConfig(256, 8, 3, 2)),
     (16, 4096, 14336): (GemvConfig(128, 8, 4, 8), GemvConfig(128, 8, 4, 8, pdl=True, prefetch=4)),
     (2, 6144, 4096): (GemvConfig(128, 4, 4, 8, pdl=True), GemvConfig(128, 4, 3, 8)),
     (2, 4096, 4096): (GemvConfig(128, 4, 3, 8), GemvConfig(128, 4, 3, 8)),
@@ -187,6 +194,10 @@ GEMV_MEASURED = {
     (7, 576, 7168): (GemvConfig(128, 8, 4, 28, pdl=True, prefetch=4), GemvConfig(128, 8, 4, 28, pdl=True, prefetch=4)),
     (7, 2112, 7168): (GemvConfig(128, 8, 4, 14, pdl=True), GemvConfig(256, 8, 3, 28, pdl=True, prefetch=4)),
     (7, 4096, 4480): (GemvConfig(256, 8, 3, 12, pdl=True, prefetch=4), GemvConfig(256, 8, 3, 12, pdl=True, prefetch=4)),
+    (1, 5120, 2048): (GemvConfig(128, 4, 4, 8, pdl=True), GemvConfig(128, 4, 4, 8, pdl=True)),
+    (1, 2048, 4096): (GemvConfig(128, 8, 3, 16, use_dot=False, pdl=True, prefetch=4), GemvConfig(128, 8, 3, 16, use_dot=False, pdl=True)),
+    (16, 5120, 2048): (GemvConfig(128, 4, 3, 8, pdl=True, prefetch=4), GemvConfig(128, 4, 3, 8, pdl=True, prefetch=4)),
+    (16, 2048, 4096): (GemvConfig(128, 8, 3, 8, pdl=True, prefetch=4, kb_iter=2), GemvConfig(64, 4, 4, 16, pdl=True, prefetch=4)),
 }
 
 _preference = os.environ.get("FP8FX_KERNEL", "auto")
