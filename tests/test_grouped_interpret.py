@@ -69,18 +69,23 @@ def test_grouped_linear_matches_reference(e, n, k, counts, scale_fmt, route, mon
 
 @interpreted
 @pytest.mark.parametrize("block_m", [1, 2, 16])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_grouped_gemv_edges(block_m, split_k):
-    """The grouped gemv at each row-tile size, with and without split-K: uneven, empty and
-    one-row experts, heavy-tailed rows, rows past offs[-1] (zeros), UE8M0 activation scales."""
+@pytest.mark.parametrize("split_k,tma", [(1, False), (3, False), (3, True)])
+def test_grouped_gemv_edges(block_m, split_k, tma):
+    """The grouped gemv at each row-tile size, with and without split-K, weight tiles through
+    pointers or one TMA descriptor over all experts (N = 160: the last tile of an expert
+    reads the next expert's rows, never stored): uneven, empty and one-row experts,
+    heavy-tailed rows, rows past offs[-1] (zeros), UE8M0 activation scales."""
     from fp8fx.kernels.gemv import GemvConfig, grouped_gemv
 
     counts = [2, 0, 5, 1, 0, 3]
     x, q, s, offs = _case(6, 160, 400, counts, "float32", seed=block_m * 10 + split_k)
     x[3] = torch.distributions.StudentT(2.0).sample((400,)) * 3.0  # heavy tails
     x = torch.cat([x, torch.randn(2, 400)])  # two rows no expert owns
-    cfg = GemvConfig(64, 4, 2, split_k=split_k)
+    cfg = GemvConfig(64, 4, 2, split_k=split_k, tma=tma)
     y = grouped_gemv(x, q, s, offs, torch.float32, config=cfg, block_m=block_m)
+    if tma:  # the same sums as the pointer loads
+        assert torch.equal(y, grouped_gemv(x, q, s, offs, torch.float32, config=GemvConfig(64, 4, 2, split_k=split_k),
+                                           block_m=block_m))
     assert torch.equal(y[11:], torch.zeros(2, 160))
     assert rel_err(y[:11], _exact(x[:11], q, s, offs)) < 2e-3
     q8, s8 = R.quantize_weight(torch.randn(6, 160, 400) * 0.05, scale_fmt="ue8m0")
@@ -93,7 +98,8 @@ def test_grouped_gemv_edges(block_m, split_k):
 @interpreted
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-def test_expert_gemv_matches_reference(split_k, scale_fmt):
+@pytest.mark.parametrize("tma", [False, True])
+def test_expert_gemv_matches_reference(split_k, scale_fmt, tma):
     """Unsorted rows (top-3 of 5 experts, one expert picked by several rows), heavy tails, a
     zero token; rows r read token r // 3, then rows read themselves (the down projection)."""
     from fp8fx.kernels.gemv import GemvConfig, expert_gemv
@@ -103,9 +109,11 @@ def test_expert_gemv_matches_reference(split_k, scale_fmt):
     x = torch.distributions.StudentT(2.0).sample((4, 272))
     x[1] = 0.0
     ids = torch.tensor([4, 0, 2, 2, 1, 0, 3, 4, 2, 1, 0, 4])
-    cfg = GemvConfig(64, 4, 2, split_k=split_k)
+    cfg = GemvConfig(64, 4, 2, split_k=split_k, tma=tma)
     ue8m0 = scale_fmt == "ue8m0"
     y = expert_gemv(x, ids, q, s, config=cfg, act_ue8m0=ue8m0)
+    if tma:
+        assert torch.equal(y, expert_gemv(x, ids, q, s, config=GemvConfig(64, 4, 2, split_k=split_k), act_ue8m0=ue8m0))
     ref = lambda xx: R.expert_linear(xx, ids, q, s)  # noqa: E731  (UE8M0 activations with e8m0 weights)
     assert rel_err(y, ref(x)) < 2e-3
     h = torch.randn(12, 272, generator=g)

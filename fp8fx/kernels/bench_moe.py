@@ -9,6 +9,9 @@ In one process on one GPU, CUDA-graph replays (do_bench_cudagraph medians):
               shapes (every row valid) and on decode batches (capacity 64 or 16, random
               counts); TFLOP/s counts the valid rows only, for both. ``--sweep`` times
               every grouped_masked.CONFIGS entry per shape (GEMM alone)
+    experts   the same expert GEMMs through expert_gemv (fp8fx::expert_linear at decode: rows
+              unsorted, each with its expert id) at 1, 4, 16 tokens, us; ``--sweep`` adds tile
+              configs x split-K, TMA and pointer weight loads
     small     Qwen3-30B-A3B expert GEMMs (gate_up 1536 x 2048, down 2048 x 768) at decode sizes,
               random top-8 routing over 128 experts: fp8fx grouped_linear's two routes, the
               grouped gemv (quant in the kernel) and act quant + tiled grouped GEMM, vs bf16
@@ -163,6 +166,49 @@ def _small_rows(rep: int, sweep: bool) -> list[dict]:
     return rows
 
 
+EXPERT_TOKENS = [1, 4, 16]
+EXPERT_SWEEP = [(128, 4, 3, False), (128, 4, 3, True), (64, 4, 3, False), (64, 4, 3, True), (64, 4, 4, True),
+                (128, 4, 4, True), (128, 8, 4, False)]
+
+
+def _expert_rows(rep: int, sweep: bool) -> list[dict]:
+    """expert_gemv (fp8fx::expert_linear's route: rows unsorted, each with its expert id) on
+    the Qwen3-30B-A3B expert shapes, vs bf16 torch._grouped_mm over the sorted rows."""
+    from dataclasses import replace
+
+    from fp8fx import reference
+    from fp8fx.kernels.gemv import GROUPED_CONFIG, GemvConfig, expert_gemv
+    from fp8fx.moe import sort_by_expert
+
+    e, top_k = QWEN3["experts"], QWEN3["top_k"]
+    rows = []
+    for n, k, gate_up in [(2 * QWEN3["intermediate"], QWEN3["hidden"], True), (QWEN3["hidden"], QWEN3["intermediate"], False)]:
+        torch.manual_seed(n)
+        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, s = reference.quantize_weight(w)
+        wt = w.transpose(-2, -1)
+        for tokens in EXPERT_TOKENS:
+            ids = torch.rand(tokens, e, device="cuda").topk(top_k, dim=-1).indices.reshape(-1)
+            r = ids.numel()
+            _, perm, offs = sort_by_expert(ids, e)
+            x = torch.randn(tokens if gate_up else r, k, device="cuda", dtype=torch.bfloat16)
+            xs = x[perm // top_k] if gate_up else x[perm]
+            row = {"shape": f"{tokens} tok ({r} rows) x {n} x {k}",
+                   "bf16": _ms(lambda: torch._grouped_mm(xs, wt, offs=offs), rep) * 1e3,
+                   "gemv": _ms(lambda: expert_gemv(x, ids, q, s), rep) * 1e3}
+            if sweep:
+                ref = expert_gemv(x, ids, q, s, config=replace(GROUPED_CONFIG, split_k=1)).float()
+                for bn, nw, ns, tma in EXPERT_SWEEP:
+                    for split in (0, 1, 2, 4, 8):
+                        cfg = GemvConfig(bn, nw, ns, split, tma=tma)
+                        got = expert_gemv(x, ids, q, s, config=cfg).float()
+                        if (got - ref).norm() > 1e-2 * ref.norm():
+                            raise AssertionError(f"expert_gemv {cfg} disagrees with split 1 at {row['shape']}")
+                        row[str(cfg)] = _ms(lambda: expert_gemv(x, ids, q, s, config=cfg), rep) * 1e3
+            rows.append(row)
+    return rows
+
+
 def _layer_rows(rep: int) -> list[dict]:
     import fp8fx
     from transformers import Qwen3MoeConfig
@@ -196,14 +242,14 @@ def _layer_rows(rep: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx bench moe", description=__doc__)
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
-    parser.add_argument("--only", choices=["grouped", "masked", "small", "layer"], action="append",
+    parser.add_argument("--only", choices=["grouped", "masked", "small", "experts", "layer"], action="append",
                         help="run only these tables (repeatable); default: all")
     parser.add_argument("--sweep", action="store_true", help="masked, small: time every tile config too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench moe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    tables = args.only or ["grouped", "masked", "small", "layer"]
+    tables = args.only or ["grouped", "masked", "small", "experts", "layer"]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if "grouped" in tables:
         print("\n| grouped GEMM, groups x rows x N x K | bf16 _grouped_mm TF | fp8fx GEMM TF | fp8fx quant+GEMM TF | GEMM/bf16 |")
@@ -221,6 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in _small_rows(args.rep, args.sweep):
             print(f"| {r['shape']} | {r['bf16']:.1f} | {r['tiles']:.1f} | {r['gemv']:.1f} ({r['block_m']}) "
                   f"| {r['bf16'] / r['gemv']:.2f} | {r['tiles'] / r['gemv']:.2f} | {r['err']:.1e} |")
+            extra = {key: v for key, v in r.items() if key.startswith("dot")}
+            if extra:
+                best = min(extra, key=extra.get)
+                print(f"|   sweep: best {best} {extra[best]:.1f} us; " + ", ".join(f"{a} {v:.1f}" for a, v in extra.items()) + " |")
+    if "experts" in tables:
+        print("\n| Qwen3-30B-A3B experts, decode, unsorted rows | bf16 _grouped_mm us (sorted rows) | fp8fx expert_gemv us | gemv/bf16 |")
+        print("|---|---|---|---|")
+        for r in _expert_rows(args.rep, args.sweep):
+            print(f"| {r['shape']} | {r['bf16']:.1f} | {r['gemv']:.1f} | {r['bf16'] / r['gemv']:.2f} |")
             extra = {key: v for key, v in r.items() if key.startswith("dot")}
             if extra:
                 best = min(extra, key=extra.get)

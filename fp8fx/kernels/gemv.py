@@ -178,6 +178,7 @@ def _gemv_kernel(
     # never straddles two weights: tile_n and n_here are the tile and row count in its weight.
     tile_n = pid_n
     n_here = N
+    w_row0 = 0  # W_TMA: the descriptor row of this weight's row 0
     if NUM_W > 1:
         tiles_a = tl.cdiv(N_A, BLOCK_N)
         n_here = N_A
@@ -214,7 +215,10 @@ def _gemv_kernel(
         row_end = pid_m + 1
         tok = row0 + cols // (COLS // BLOCK_M)
         col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
-        w_ptr += g.to(tl.int64) * stride_we
+        if W_TMA:  # one descriptor over the [E * N, K] rows: expert g's start at g * N
+            w_row0 = g * N
+        else:
+            w_ptr += g.to(tl.int64) * stride_we
         sw_ptr += g.to(tl.int64) * stride_swe
     elif GROUPED:
         # Rows sorted by expert (grouped_gemv): this row tile's expert g and rows row0:row_end.
@@ -228,7 +232,10 @@ def _gemv_kernel(
                 _store_tile(tl.zeros((BLOCK_N, COLS), dtype=tl.float32), tok, col_ok, offs_n, n_ok,
                             bias_ptr, y_ptr, stride_ym, False)
             return
-        w_ptr += g.to(tl.int64) * stride_we
+        if W_TMA:  # one descriptor over the [E * N, K] rows: expert g's start at g * N
+            w_row0 = g * N
+        else:
+            w_ptr += g.to(tl.int64) * stride_we
         sw_ptr += g.to(tl.int64) * stride_swe
     else:
         row0 = pid_m * BLOCK_M
@@ -239,7 +246,8 @@ def _gemv_kernel(
     m_ok = offs_m < row_end
     # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
     # W_TMA: w_ptr is the weight's TMA descriptor, which fills rows and columns past its
-    # [N, K] with zeros.
+    # [N, K] with zeros (3-D expert weights: past N an expert's tile reads the next
+    # expert's rows, never stored).
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
     if not W_TMA:
         w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
@@ -279,7 +287,7 @@ def _gemv_kernel(
             else:
                 kb_s = kb
             if W_TMA:
-                w = w_ptr.load([tile_n * BLOCK_N, kb * BLOCK_K])
+                w = w_ptr.load([w_row0 + tile_n * BLOCK_N, kb * BLOCK_K])
             elif not W_DOUBLE_BUFFER:
                 w = tl.load(w_ptrs + kb * BLOCK_K, mask=k_ok[None, :], other=0.0)
             else:
@@ -511,14 +519,16 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     # PDL and the L2 prefetch run before the grid-dependency wait, but a grouped program
     # needs offs (written by the kernel before) to know its expert's weights: neither there.
     pdl = cfg.pdl and not interpreting() and not grouped
-    tma = cfg.tma and use_dot and not grouped and cfg.kb_iter == 1 and all(map(_tma_ok, (w, w1, w2)))
     wa, wb, wc = w, w1, w2
+    if grouped:  # expert weights [E, N, K] as the rows of one [E * N, K] descriptor
+        wa = wb = wc = w.view(-1, w.shape[-1]) if w.is_contiguous() else w
+    tma = cfg.tma and use_dot and cfg.kb_iter == 1 and all(map(_tma_ok, (wa, wb, wc)))
     if tma:  # one descriptor per distinct weight (w1 and w2 stand in for missing ones)
         descs = {}
-        for t in (w, w1, w2):
+        for t in (wa, wb, wc):
             if id(t) not in descs:
                 descs[id(t)] = _descriptor(t, cfg.block_n)
-        wa, wb, wc = descs[id(w)], descs[id(w1)], descs[id(w2)]
+        wa, wb, wc = descs[id(wa)], descs[id(wb)], descs[id(wc)]
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, sx_t, wa, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
         wb, sw1, b1 if b1 is not None else out, wc, sw2, b2 if b2 is not None else out,
