@@ -229,7 +229,7 @@ def _identity(k):
 
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-def test_gemv_quant_bit_exact(m, scale_fmt):
+def test_gemv_quant_bit_exact(m, scale_fmt, tma_eager):
     from fp8fx.kernels.gemv import gemv
 
     k = 4496  # 35 full K blocks + 16
@@ -257,7 +257,7 @@ def test_gemv_quant_bit_exact_dtypes(dtype, scale_fmt):
 
 
 @pytest.mark.parametrize("m", [1, 16])
-def test_gemv_static_quant_bit_exact(m):
+def test_gemv_static_quant_bit_exact(m, tma_eager):
     from fp8fx.kernels.gemv import gemv
 
     wq, ws = _identity(4496)
@@ -269,7 +269,7 @@ def test_gemv_static_quant_bit_exact(m):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (16, 6144, 4096), (7, 4096, 4480)])
-def test_gemv_configs(m, n, k):
+def test_gemv_configs(m, n, k, tma_eager):
     """Every sweep config, with split-K 1 and the automatic split, GEMM alone and linear."""
     from dataclasses import replace
 
@@ -340,7 +340,7 @@ def test_gemv_fp8_input_routes(m, n, k):
 @pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((2048, 512, 144), 2048)])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
 @pytest.mark.parametrize("tma", [False, True])
-def test_gemv_cat(m, ns, k, scale_fmt, tma):
+def test_gemv_cat(m, ns, k, scale_fmt, tma, tma_eager):
     """One launch over q/k/v or gate/up (Llama-3-8B, Qwen3-30B-A3B attention and an uneven
     third weight): bit-equal to torch.cat of the single gemvs with the same config, within
     2e-3 of the exact product, through the op (block_gemm_cat_cuda) too."""
@@ -369,6 +369,50 @@ def test_gemv_cat(m, ns, k, scale_fmt, tma):
 
     if x.device in _TICKETS:  # split-K ran: every ticket was set back to zero
         assert _TICKETS[x.device].count_nonzero().item() == 0
+
+
+@pytest.fixture
+def tma_eager(monkeypatch):
+    from fp8fx.kernels import gemv as gemv_mod
+
+    monkeypatch.setattr(gemv_mod, "TMA_EAGER", True)
+
+
+def test_gemv_tma_only_under_capture_and_same_sums(monkeypatch):
+    """TMA configs take pointer loads on eager launches (descriptors cost host time per
+    launch) and descriptors under CUDA-graph capture: the replay equals the eager result bit
+    for bit, for gemv, gemv_cat (3 weights) and expert_gemv (3-D weights); with TMA_EAGER the
+    eager launch takes descriptors and gives the same bits again."""
+    from fp8fx.kernels import gemv as gemv_mod
+    from fp8fx.kernels.gemv import GemvConfig, expert_gemv, gemv, gemv_cat
+
+    made = []
+    real = gemv_mod._descriptor
+    monkeypatch.setattr(gemv_mod, "_descriptor", lambda w, bn: made.append(bn) or real(w, bn))
+    cfg = GemvConfig(128, 4, 3, split_k=4, tma=True)
+    weights = [_weight(n, 2048, "float32", seed=n) for n in (4096, 512, 512)]
+    ew, es = reference.quantize_weight(torch.randn(8, 768, 2048, device="cuda") * 0.02)
+    ids = torch.tensor([5, 0, 7, 3, 3, 1, 6, 2], device="cuda")
+    x = _x(1, 2048, seed=4, outliers=True)
+    calls = {
+        "gemv": lambda: gemv(x, None, *weights[0], None, torch.bfloat16, config=cfg),
+        "cat": lambda: gemv_cat(x, None, [w for w, _ in weights], [s for _, s in weights], None, torch.bfloat16, config=cfg),
+        "expert": lambda: expert_gemv(x, ids, ew, es, config=cfg),
+    }
+    for name, call in calls.items():
+        made.clear()
+        eager = call()
+        assert made == [], name  # pointers
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = call()
+        assert made, name  # descriptors at capture
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), name
+        monkeypatch.setattr(gemv_mod, "TMA_EAGER", True)
+        assert torch.equal(call(), eager), name
+        monkeypatch.setattr(gemv_mod, "TMA_EAGER", False)
 
 
 def test_cublas_route_reused_and_invalidated():

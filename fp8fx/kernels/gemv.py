@@ -32,6 +32,11 @@ have written (x, scales, bias, tickets). Before that wait, ``prefetch`` > 0 asks
 program's first ``prefetch`` weight K blocks: weights are never written by the kernels
 around a linear, and an L2 prefetch returns nothing to the program, so it is safe.
 
+TMA (``tma`` configs): the weight tile is one bulk tensor copy from a host-built descriptor
+(expert weights: one descriptor over their [E * N, K] rows), zero-filled past N and K, so the
+loop has no weight address math or masks. Used when the launch is captured into a CUDA
+graph (see TMA_EAGER for why); the sums equal the pointer loads'.
+
 Split-K is one launch and deterministic: the partial sums are added in split order whichever
 program arrives last. The tickets (one int32 per tile) live in a per-device buffer that the
 last program of each tile sets back to zero, so it stays zeroed between launches on one
@@ -75,7 +80,7 @@ class GemvConfig:
     pdl: bool = False  # programmatic dependent launch (see the module docstring)
     prefetch: int = 0  # weight K blocks per program prefetched into L2 first (0 or a power of two)
     kb_iter: int = 1  # K blocks per loop iteration (tensor-core path); FMA path: > 1 double-buffers
-    tma: bool = False  # weight tiles through TMA descriptors (tensor-core path, dense weights)
+    tma: bool = False  # weight tiles through TMA descriptors (tensor-core path; when captured, see TMA_EAGER)
 
     def __str__(self) -> str:
         extra = ("t" if self.tma else "") + ("p" if self.pdl else "") + (f"f{self.prefetch}" if self.prefetch else "")
@@ -522,7 +527,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     wa, wb, wc = w, w1, w2
     if grouped:  # expert weights [E, N, K] as the rows of one [E * N, K] descriptor
         wa = wb = wc = w.view(-1, w.shape[-1]) if w.is_contiguous() else w
-    tma = cfg.tma and use_dot and cfg.kb_iter == 1 and all(map(_tma_ok, (wa, wb, wc)))
+    tma = cfg.tma and use_dot and cfg.kb_iter == 1 and _tma_launch() and all(map(_tma_ok, (wa, wb, wc)))
     if tma:  # one descriptor per distinct weight (w1 and w2 stand in for missing ones)
         descs = {}
         for t in (wa, wb, wc):
@@ -547,6 +552,19 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
+
+
+# TMA descriptors cost host time at every launch: Triton 3.6's launcher encodes each
+# descriptor argument anew (eager Llama-3-8B decode went from 25 to 61 ms/token with them,
+# H200). A CUDA graph pays that once, at capture, so TMA configs load through descriptors
+# when the launch is being captured (and in the interpreter, where the tests check them
+# against the pointer loads), and through pointers otherwise: the same sums either way.
+# TMA_EAGER = True takes descriptors on eager launches too (the GPU tests).
+TMA_EAGER = False
+
+
+def _tma_launch() -> bool:
+    return TMA_EAGER or interpreting() or torch.cuda.is_current_stream_capturing()
 
 
 def _tma_ok(w: torch.Tensor) -> bool:
