@@ -45,11 +45,30 @@ def _host(fn, label, out, repeats=10):
         fn()
         torch.cuda.synchronize()
         prof.disable()
+        first_ms = _first_kernel_ms(fn)
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     print(f"\n=== {label}: GPU (graph replay) {gpu_ms:.2f} ms, as called {wall_ms:.2f} ms, "
-          f"host issue {issue[len(issue) // 2]:.2f} ms (median of {repeats})")
+          f"host issue {issue[len(issue) // 2]:.2f} ms (median of {repeats}); the first kernel starts "
+          f"{first_ms:.2f} ms after the call")
     print("\n".join(s.getvalue().splitlines()[:45]))
+
+
+def _first_kernel_ms(fn) -> float:
+    """Milliseconds from the Python call to the start of its first GPU kernel (guards, the
+    wrapper's prologue and the first launches: the GPU idles that long)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("fp8fx_profiled_call"):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    call = min((e for e in events if e.name == "fp8fx_profiled_call"), key=lambda e: e.time_range.start)
+    kernels = [e.time_range.start for e in events if e.device_type == DeviceType.CUDA]
+    return (min(kernels) - call.time_range.start) / 1e3 if kernels else float("nan")
 
 
 def main():
