@@ -4,8 +4,9 @@
 ==> (1) split:      xq, s = fp8fx.act_quant(x, 128, ue8m0); y = fp8fx.block_gemm(xq, s, ...)
                     (static act_scale: the aten quant below directly)
     (2) share:      one act_quant per distinct x (q/k/v, gate/up read the same codes)
-    (3) group:      decode (static M taking the gemv route): the block_gemms of one act_quant
-                    (q/k/v, gate/up) -> one fp8fx.block_gemm_cat, each GEMM a column slice
+    (3) group:      decode (static M at which the concatenated GEMM, or each GEMM alone, takes
+                    the gemv route): the block_gemms of one act_quant (q/k/v, gate/up) -> one
+                    fp8fx.block_gemm_cat, each GEMM a column slice
     (4) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
@@ -183,16 +184,16 @@ def _quant_source(xq, xs):
     return src if ok else None
 
 
-def _one_launch(m, n: int, k: int, out_dtype: torch.dtype, device: torch.device) -> bool:
-    """A static M whose concatenated GEMM (M, n, K) the kernels run as one gemv_cat launch."""
+def _one_launch(m, ns: tuple, k: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """A static M at which the kernels run GEMMs of widths ``ns`` as one gemv_cat launch."""
     from fp8fx.kernels import dispatch
 
-    return isinstance(m, int) and m > 0 and dispatch.choose(m, n, k, out_dtype, device) == "gemv"
+    return isinstance(m, int) and m > 0 and dispatch.cat_takes_gemv(m, ns, k, out_dtype, device)
 
 
 def group_gemms(graph: torch.fx.Graph) -> None:
     """Decode: fp8fx.block_gemm nodes reading one act_quant (q/k/v, gate/up), with one scale
-    dtype, all or no biases and a static M that takes the gemv route -> one
+    dtype, all or no biases and a static M at which dispatch.cat_takes_gemv -> one
     fp8fx.block_gemm_cat (one kernel launch streaming every weight), sliced back per GEMM.
     Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
     from fp8fx.kernels.gemv import MAX_CAT
@@ -212,10 +213,10 @@ def group_gemms(graph: torch.fx.Graph) -> None:
             xq, xs = first.args[:2]
             lead = _val(first).shape[:-1]
             m = math.prod(lead) if all(isinstance(d, int) for d in lead) else None
-            n = sum(_val(node.args[2]).shape[0] for node in run)
+            ns = tuple(_val(node.args[2]).shape[0] for node in run)
             # Weights, scales and biases must exist where the group's launch goes (first's place).
             inputs_ready = all(order[a] < order[first] for node in run for a in node.args[2:5] if isinstance(a, torch.fx.Node))
-            if len(run) < 2 or not inputs_ready or not _one_launch(m, n, _val(xq).shape[-1], out_dtype, _val(xq).device):
+            if len(run) < 2 or not inputs_ready or not _one_launch(m, ns, _val(xq).shape[-1], out_dtype, _val(xq).device):
                 continue
             with graph.inserting_before(first):
                 cat = _call(graph, torch.ops.fp8fx.block_gemm_cat.default, xq, xs, [node.args[2] for node in run],

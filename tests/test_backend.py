@@ -793,6 +793,28 @@ def test_decode_gemms_of_one_input_run_as_one_launch():
         assert rel_err(y, expect) < 1e-3
 
 
+def test_gemms_grouped_when_each_takes_the_gemv(monkeypatch):
+    # Llama-3-8B q/k/v at M = 16: the concatenated shape measured faster on the Triton block
+    # GEMM, but each GEMM alone takes the gemv, so one gemv_cat launch replaces three gemvs.
+    # gate/up at M = 16 (each and together off the gemv) stay single.
+    from fp8fx.kernels import dispatch
+
+    cuda = torch.device("cuda")
+    assert dispatch.choose(16, 6144, 4096, BF16, cuda) != "gemv"
+    assert dispatch.cat_takes_gemv(16, (4096, 1024, 1024), 4096, BF16, cuda)
+    assert not dispatch.cat_takes_gemv(16, (14336, 14336), 4096, BF16, cuda)
+    assert not dispatch.cat_takes_gemv(64, (4096, 1024, 1024), 4096, BF16, cuda)
+    # The pass asks the same question: routes faked so that only single GEMMs take the gemv.
+    real = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda m, n, k, *a, **kw: "gemv" if n <= 256 else real(64, n, k, *a, **kw))
+    g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16))
+    cats = [line for line in g.splitlines() if "block_gemm_cat" in line]
+    assert len(cats) == 1 and "fp8fx.block_gemm(" not in g, g
+    monkeypatch.setattr(dispatch, "choose", lambda m, n, k, *a, **kw: real(64, n, k, *a, **kw))
+    g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16))
+    assert "block_gemm_cat" not in g and g.count("fp8fx.block_gemm(") == 3, g
+
+
 @pytest.mark.parametrize("case", ["dynamic", "m64", "mixed_bias", "static_act"])
 def test_gemms_not_grouped(case):
     # Grouping needs a static M that takes the gemv route, one act_quant (dynamic scales) and

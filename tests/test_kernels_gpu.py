@@ -336,7 +336,7 @@ def test_gemv_fp8_input_routes(m, n, k):
         assert _rel(y.float().cpu(), ref_s) <= 2e-3
 
 
-@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("m", [1, 2, 8, 16])
 @pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((2048, 512, 144), 2048)])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
 @pytest.mark.parametrize("tma", [False, True])

@@ -211,8 +211,8 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
 
 
 def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype):
-    """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the concatenated shape takes the
-    gemv route (decode) and the weights fit one launch; otherwise block_gemm per weight."""
+    """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when dispatch.cat_takes_gemv (decode)
+    and the weights fit one launch; otherwise block_gemm per weight."""
     from fp8fx.kernels import dispatch
     from fp8fx.kernels.gemv import MAX_CAT, gemv_cat
 
@@ -220,11 +220,12 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     k = xq.shape[-1]
     lead = xq.shape[:-1]
     m = xq.numel() // k if k else 0
-    n = sum(w.shape[0] for w in qweights)
+    ns = tuple(w.shape[0] for w in qweights)
+    n = sum(ns)
     static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
     one_launch = (
         list(block_size) == _BLOCK and m > 0 and len(qweights) <= MAX_CAT and len({b is None for b in biases}) == 1
-        and dispatch.choose(m, n, k, out_dtype, xq.device, static_act=static) == "gemv"
+        and dispatch.cat_takes_gemv(m, ns, k, out_dtype, xq.device, static_act=static)
     )
     if not one_launch:
         return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
