@@ -16,15 +16,13 @@ Weights rotate over enough copies to overflow L2; times are CUDA-graph replay me
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fp8fx import reference
-from fp8fx.kernels.act_quant import act_quant
+from fp8fx.kernels.bench import _WeightRotation
 from fp8fx.kernels.gemv import gemv
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -79,30 +77,6 @@ def _wide_kernel(w_ptr, x_ptr, sx_ptr, sw_ptr, y_ptr, N, K, KB_PER_SPLIT, stride
         tl.store(y_ptr + offs_n, y, mask=offs_n < N)
 
 
-def _sets(n, k, l2, dev):
-    copies = max(1, min(48, math.ceil(4 * l2 / (n * k))))
-    out = []
-    for i in range(copies):
-        g = torch.Generator(device=dev).manual_seed(100 + i)
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=g)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.05
-        wq, ws = reference.quantize_weight(w, (128, 128), "float32")
-        xq, xs = act_quant(x)
-        out.append(dict(x=x, wb=w if i < max(1, math.ceil(copies / 2)) else None, wq=wq, ws=ws, xq=xq,
-                        xs=xs.contiguous(), y=torch.zeros(n, device=dev, dtype=torch.float32)))
-    return out
-
-
-def _rot(sets, fn):
-    state = {"i": 0}
-
-    def run():
-        state["i"] = (state["i"] + 1) % len(sets)
-        return fn(sets[state["i"]])
-
-    return run
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rep", type=int, default=200)
@@ -112,8 +86,10 @@ def main() -> None:
     sms, l2 = props.multi_processor_count, props.L2_cache_size
     print(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, {sms} SMs")
     for n, k in SHAPES:
-        sets = _sets(n, k, l2, dev)
-        bsets = [s for s in sets if s["wb"] is not None]
+        rot = _WeightRotation(1, n, k, l2)  # bench gemm's rotated sets (bf16 and fp8 weights, codes, scales)
+        sets = rot.sets
+        for s in sets:
+            s["y"] = torch.zeros(n, device=dev, dtype=torch.float32)
         n_kb = k // 128
         fp8_bytes = n * k
         res = {}
@@ -126,8 +102,8 @@ def main() -> None:
                 return
             res[name] = (ms * 1e3, nbytes / ms / 1e9)
 
-        bench("bf16 cublas", _rot(bsets, lambda s: torch.nn.functional.linear(s["x"], s["wb"])), 2 * fp8_bytes)
-        bench("fp8fx gemv", _rot(sets, lambda s: gemv(s["xq"], s["xs"], s["wq"], s["ws"])))
+        bench("bf16 cublas", rot(lambda s: torch.nn.functional.linear(s["x"], s["w"])), 2 * fp8_bytes)
+        bench("fp8fx gemv", rot(lambda s: gemv(s["xq"], s["xs"], s["wq"], s["ws"])))
         ref = gemv(sets[0]["xq"], sets[0]["xs"], sets[0]["wq"], sets[0]["ws"]).float()[0]
 
         for bn in (64, 128):
@@ -148,7 +124,7 @@ def main() -> None:
                     s0["y"].zero_()
                     launch(s0)
                     err = (s0["y"] - ref).abs().max().item() / ref.abs().max().item()
-                    bench(f"tma n{bn} s{stages} k{split} (err {err:.1e})", _rot(sets, launch))
+                    bench(f"tma n{bn} s{stages} k{split} (err {err:.1e})", rot(launch))
         for bn in (8, 16, 32):
             for bkk in (256, 512):
                 for stages in (1, 3):
@@ -167,7 +143,7 @@ def main() -> None:
                         s0["y"].zero_()
                         launch(s0)
                         err = (s0["y"] - ref).abs().max().item() / ref.abs().max().item()
-                        bench(f"wide n{bn} k{bkk} s{stages} k{split} (err {err:.1e})", _rot(sets, launch))
+                        bench(f"wide n{bn} k{bkk} s{stages} k{split} (err {err:.1e})", rot(launch))
         print(f"\n## N={n} K={k} ({fp8_bytes / 1e6:.1f} MB fp8)")
         best = sorted(res.items(), key=lambda kv: kv[1][0])
         for name, (us, gbs) in best[:12] + [kv for kv in best[12:] if kv[0] in ("bf16 cublas", "fp8fx gemv")]:

@@ -232,6 +232,14 @@ def _layer_rows(rep: int) -> list[dict]:
     return rows
 
 
+def _print_sweep(row: dict) -> None:
+    """A table row's swept configs (keys named by GemvConfig: "dot..."), best first."""
+    extra = {key: v for key, v in row.items() if key.startswith("dot")}
+    if extra:
+        best = min(extra, key=extra.get)
+        print(f"|   sweep: best {best} {extra[best]:.1f} us; " + ", ".join(f"{a} {v:.1f}" for a, v in extra.items()) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx bench moe", description=__doc__)
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
@@ -260,19 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in _small_rows(args.rep, args.sweep):
             print(f"| {r['shape']} | {r['bf16']:.1f} | {r['tiles']:.1f} | {r['gemv']:.1f} ({r['block_m']}) "
                   f"| {r['bf16'] / r['gemv']:.2f} | {r['tiles'] / r['gemv']:.2f} | {r['err']:.1e} |")
-            extra = {key: v for key, v in r.items() if key.startswith("dot")}
-            if extra:
-                best = min(extra, key=extra.get)
-                print(f"|   sweep: best {best} {extra[best]:.1f} us; " + ", ".join(f"{a} {v:.1f}" for a, v in extra.items()) + " |")
+            _print_sweep(r)
     if "experts" in tables:
         print("\n| Qwen3-30B-A3B experts, decode, unsorted rows | fp8fx expert_gemv us |")
         print("|---|---|")
         for r in _expert_rows(args.rep, args.sweep):
             print(f"| {r['shape']} | {r['gemv']:.1f} |")
-            extra = {key: v for key, v in r.items() if key.startswith("dot")}
-            if extra:
-                best = min(extra, key=extra.get)
-                print(f"|   sweep: best {best} {extra[best]:.1f} us; " + ", ".join(f"{a} {v:.1f}" for a, v in extra.items()) + " |")
+            _print_sweep(r)
     if "layer" in tables:
         print("\n| Qwen3-30B-A3B MoE layer, tokens | bf16 grouped_mm ms | fp8fx ms | speed-up | rel. error |")
         print("|---|---|---|---|---|")

@@ -34,6 +34,8 @@ __all__ = [
     "choose",
     "triton_config",
     "gemv_config",
+    "cat_takes_gemv",
+    "expert_gemv_config",
 ]
 
 PREFERENCES = ("auto", "triton", "cublas", "deepgemm")
@@ -250,6 +252,18 @@ def triton_config(m: int, n: int, k: int, a_hp: bool = False) -> GemmConfig:
 # (bench moe --only small, NOTES.md): the gemv is 1.2-1.8x faster at 1-2 tokens x top-8,
 # even at 4-16 tokens (32-128 rows), 0.8x at 256 rows and 0.45x at 512.
 GROUPED_GEMV_MAX_ROWS = 128
+
+# expert_gemv (fp8fx::expert_linear at decode, rows unsorted): the grouped gemv's tile with TMA
+# weight loads, faster at all six Qwen3-30B-A3B decode shapes measured (bench moe --only
+# experts --sweep, H200, Triton 3.6, fifth session; NOTES.md), and per measured (rows, N, K)
+# the split-K factor that beat gemv.pick_split's.
+EXPERT_GEMV_CONFIG = GemvConfig(128, 4, 3, tma=True)
+EXPERT_GEMV_MEASURED = {(8, 1536, 2048): GemvConfig(128, 4, 3, 4, tma=True)}
+
+
+def expert_gemv_config(rows: int, n: int, k: int) -> GemvConfig:
+    """The expert gemv's config for ``rows`` unsorted rows of an N x K expert GEMM."""
+    return EXPERT_GEMV_MEASURED.get((rows, n, k), EXPERT_GEMV_CONFIG)
 
 
 @functools.lru_cache(maxsize=4096)

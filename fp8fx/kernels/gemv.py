@@ -63,7 +63,7 @@ from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 from fp8fx.kernels.host import cdiv, next_power_of_2
 
-__all__ = ["GemvConfig", "CONFIGS", "EXPERT_CONFIG", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
+__all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
            "grouped_block_m", "grouped_gemv", "pick_split"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
@@ -583,11 +583,6 @@ def _descriptor(w: torch.Tensor, block_n: int):
 
 # Grouped: the default tile (the usual M <= 2 winner of the dense sweeps, NOTES.md).
 GROUPED_CONFIG = GemvConfig(128, 4, 3)
-# expert_gemv: the same tile with TMA weight loads, faster at all six Qwen3-30B-A3B decode
-# shapes measured (bench moe --only experts --sweep, H200, Triton 3.6, fifth session;
-# NOTES.md), and per measured (rows, N, K) the split-K factor that beat pick_split's.
-EXPERT_CONFIG = GemvConfig(128, 4, 3, tma=True)
-EXPERT_MEASURED = {(8, 1536, 2048): GemvConfig(128, 4, 3, 4, tma=True)}
 
 
 def grouped_block_m(rows: int, experts: int) -> int:
@@ -688,7 +683,9 @@ def expert_gemv(
         return out
     if k == 0:
         return out.zero_()
-    cfg = config or EXPERT_MEASURED.get((r, n, k), EXPERT_CONFIG)
+    from fp8fx.kernels import dispatch  # the measured config lives there
+
+    cfg = config or dispatch.expert_gemv_config(r, n, k)
     split = pick_split(r, n, k, cfg, num_sms(x.device), row_tiles=r)
     _launch(x, x, (0, 0), w, sw_t, None, out, cfg, split, 1, r, use_dot=True, x_fp8=False, static=False,
             act_ue8m0=act_ue8m0, e8m0=e8m0, offs=expert_ids.contiguous(), row_ids=True)
