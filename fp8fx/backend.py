@@ -52,6 +52,11 @@ class Backend:
             (Inductor's ``emulate_precision_casts``) and IEEE division in Triton, so the fp8
             codes of a compiled model equal eager fp8fx's. Without it Inductor quantizes the
             unrounded fp32 value of a fused producer: slightly different codes.
+        quant_in_gemv: decode GEMMs (static token count on the gemv route) read the
+            high-precision activations and quantize them in the GEMM kernel (one gemv launch
+            per group of GEMMs on one input), instead of in the producer's kernel: an M = 1
+            RMSNorm then needs no second (group amax) kernel and the attention output no
+            quant kernel. Same fp8 codes either way.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -60,6 +65,7 @@ class Backend:
     options: tuple[tuple[str, Any], ...] = ()
     freeze: bool = True
     eager_numerics: bool = True
+    quant_in_gemv: bool = True
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -81,7 +87,7 @@ class Backend:
         if self.cudagraphs is not None:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
-        patches["post_grad_custom_post_pass"] = PostGradPass(self.config)
+        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -136,6 +142,7 @@ def backend_with(
     options: Optional[dict[str, Any]] = None,
     freeze: bool = True,
     eager_numerics: bool = True,
+    quant_in_gemv: bool = True,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 
@@ -143,7 +150,8 @@ def backend_with(
     torch.compile only honours for its built-in Inductor backend).
     """
     return Backend(
-        config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics
+        config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics,
+        quant_in_gemv,
     )
 
 

@@ -14,6 +14,10 @@ Legend: T tokens, N out_features, K in_features, E experts.
     fp8fx::block_gemm_cat(xq[..., K], xs, qweights[i][N_i, K], wscales[i], biases[i]?, block_size,
         out_dtype) -> y[..., sum N_i]    block_gemm of several weights on one input, concatenated
                                         (q/k/v, gate/up: one decode launch on CUDA)
+    fp8fx::linear_cat(x[..., K], qweights[i][N_i, K], wscales[i], biases[i]?, block_size)
+        -> y[..., sum N_i]                 linear (dynamic scales) of several weights on one
+                                        input, concatenated (decode: one gemv launch on CUDA
+                                        that quantizes x in the kernel)
     fp8fx::grouped_linear(x[T, K], qweight[E, N, K], wscale[E, nN, nK], offs[E], act_scale[E]?,
         block_size) -> y[T, N]              MoE experts over tokens sorted by expert
     fp8fx::expert_linear(x[T, K], expert_ids[R] int, qweight[E, N, K], wscale[E, nN, nK],
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from fp8fx import reference
 
-__all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "grouped_linear", "expert_linear", "grouped_linear_masked"]
+__all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "linear_cat", "grouped_linear", "expert_linear", "grouped_linear_masked"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -176,26 +180,36 @@ def _(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
 
 
+def _check_weight_list(op: str, k: int, qweights, wscales, biases, block_size) -> None:
+    """One or more weights of in_features ``k``, one scale and one bias entry (or None)
+    each, one scale dtype: the weight lists of block_gemm_cat and linear_cat."""
+    if not qweights or len(wscales) != len(qweights) or len(biases) != len(qweights):
+        raise ValueError(
+            f"fp8fx: {op} needs one or more weights with one scale and one bias entry (or None) each; "
+            f"got {len(qweights)} weights, {len(wscales)} scales, {len(biases)} biases"
+        )
+    for qweight, wscale, bias in zip(qweights, wscales, biases):
+        _check_weight(qweight, wscale, block_size, expert_dims=0)
+        if qweight.shape[1] != k:
+            raise ValueError(f"fp8fx: {op} input has K = {k}, a weight has {tuple(qweight.shape)}")
+        _check_bias(bias, qweight.shape[0])
+    if len({s.dtype for s in wscales}) > 1:
+        raise TypeError(f"fp8fx: {op} weights must share one scale dtype, got {[s.dtype for s in wscales]}")
+
+
+def _check_list_devices(qweights, wscales, biases, **tensors) -> None:
+    named = {f"{name}{i}": t for name, ts in (("qweight", qweights), ("wscale", wscales), ("bias", biases))
+             for i, t in enumerate(ts)}
+    _check_same_device(**tensors, **named)
+
+
 def check_cat_args(xq, xs, qweights, wscales, biases, block_size) -> None:
     """Validate fp8fx::block_gemm_cat inputs: at least one weight, one scale and one bias
     entry (or None) per weight, every weight reading xq's K, one scale dtype."""
-    if not qweights or len(wscales) != len(qweights) or len(biases) != len(qweights):
-        raise ValueError(
-            "fp8fx: block_gemm_cat needs one or more weights with one scale and one bias entry (or None) each; "
-            f"got {len(qweights)} weights, {len(wscales)} scales, {len(biases)} biases"
-        )
     if xq.dtype != reference.FP8_DTYPE:
         raise TypeError(f"fp8fx: block_gemm_cat takes quantized (float8_e4m3fn) activations, got {xq.dtype}")
-    for qweight, wscale, bias in zip(qweights, wscales, biases):
-        _check_weight(qweight, wscale, block_size, expert_dims=0)
-        if qweight.shape[1] != xq.shape[-1]:
-            raise ValueError(f"fp8fx: block_gemm_cat input has K = {xq.shape[-1]}, a weight has {tuple(qweight.shape)}")
-        _check_bias(bias, qweight.shape[0])
-    if len({s.dtype for s in wscales}) > 1:
-        raise TypeError(f"fp8fx: block_gemm_cat weights must share one scale dtype, got {[s.dtype for s in wscales]}")
-    named = {f"{name}{i}": t for name, ts in (("qweight", qweights), ("wscale", wscales), ("bias", biases))
-             for i, t in enumerate(ts)}
-    _check_same_device(xq=xq, xs=xs, **named)
+    _check_weight_list("block_gemm_cat", xq.shape[-1], qweights, wscales, biases, block_size)
+    _check_list_devices(qweights, wscales, biases, xq=xq, xs=xs)
 
 
 @torch.library.custom_op("fp8fx::block_gemm_cat", mutates_args=())
@@ -218,6 +232,33 @@ def block_gemm_cat(
 def _(xq, xs, qweights, wscales, biases, block_size, out_dtype):
     check_cat_args(xq, xs, qweights, wscales, biases, block_size)
     return xq.new_empty(*xq.shape[:-1], sum(w.shape[0] for w in qweights), dtype=out_dtype)
+
+
+def check_linear_cat_args(x, qweights, wscales, biases, block_size) -> None:
+    """Validate fp8fx::linear_cat inputs: a high-precision x and a weight list as block_gemm_cat's."""
+    _check_x(x, qweights[0].shape[1] if qweights else x.shape[-1])
+    _check_weight_list("linear_cat", x.shape[-1], qweights, wscales, biases, block_size)
+    _check_list_devices(qweights, wscales, biases, input=x)
+
+
+@torch.library.custom_op("fp8fx::linear_cat", mutates_args=())
+def linear_cat(
+    x: Tensor,
+    qweights: list[Tensor],
+    wscales: list[Tensor],
+    biases: list[Optional[Tensor]],
+    block_size: list[int],
+) -> Tensor:
+    check_linear_cat_args(x, qweights, wscales, biases, block_size)
+    if x.is_cuda and _cuda("linear_cat"):
+        return _cuda("linear_cat")(x, qweights, wscales, biases, block_size)
+    return reference.linear_cat(x, qweights, wscales, biases, tuple(block_size))
+
+
+@linear_cat.register_fake
+def _(x, qweights, wscales, biases, block_size):
+    check_linear_cat_args(x, qweights, wscales, biases, block_size)
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in qweights))
 
 
 def _check_per_expert(name: str, counts: Tensor, act_scale: Optional[Tensor], e: int) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "linear",
     "block_gemm",
     "block_gemm_cat",
+    "linear_cat",
     "grouped_linear",
     "grouped_linear_masked",
 ]
@@ -237,6 +238,20 @@ def block_gemm_cat(
     """Several weights reading one quantized input (q/k/v, gate/up): their block_gemm
     outputs concatenated along the last dim, y[..., N0 + N1 + ...]."""
     return torch.cat([block_gemm(xq, xs, w, s, b, block_size, out_dtype) for w, s, b in zip(qweights, wscales, biases)], -1)
+
+
+def linear_cat(
+    x: torch.Tensor,
+    qweights: list[torch.Tensor],
+    wscales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """Several block-FP8 linears on one input with dynamic activation scales (UE8M0 when the
+    weight scales are): x quantized once, the outputs concatenated, y[..., N0 + N1 + ...]
+    in x's dtype."""
+    xq, xs = quantize_act(x, block_size[1], _scale_fmt_of(wscales[0]))
+    return block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, x.dtype)
 
 
 def grouped_linear(

@@ -39,19 +39,22 @@ class PostGradPass(CustomGraphPass):
     """fp8fx's post-grad pass: splits every fp8fx.linear into fusable aten act-quant + block_gemm.
 
     ``config`` (a BlockFP8Config or None) enters the uuid only: the rewrite itself reads
-    everything it needs (scale format, static scales) from the graph.
+    everything it needs (scale format, static scales) from the graph. ``quant_in_gemv``:
+    decode GEMMs on the gemv route quantize their input in the kernel (passes/linear.py).
     """
 
-    def __init__(self, config: Optional[object] = None):
+    def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True):
         self.config = config
+        self.quant_in_gemv = quant_in_gemv
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from fp8fx.passes import linear
 
-        linear.rewrite(graph)
+        linear.rewrite(graph, self.quant_in_gemv)
 
     def uuid(self) -> bytes:
         from fp8fx.kernels import dispatch
 
         # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
-        return get_hash_for_files(_sources(), extra=repr(self.config) + dispatch.get_preference())
+        extra = f"{self.config!r} {self.quant_in_gemv} {dispatch.get_preference()}"
+        return get_hash_for_files(_sources(), extra=extra)

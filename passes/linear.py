@@ -5,8 +5,12 @@
                     (static act_scale: the aten quant below directly)
     (2) share:      one act_quant per distinct x (q/k/v, gate/up read the same codes)
     (3) group:      decode (static M at which the concatenated GEMM, or each GEMM alone, takes
-                    the gemv route): the block_gemms of one act_quant (q/k/v, gate/up) -> one
-                    fp8fx.block_gemm_cat, each GEMM a column slice
+                    the gemv route): the block_gemms of one act_quant (q/k/v, gate/up; o and
+                    down alone) -> one fp8fx.linear_cat on x, each GEMM a column slice: a
+                    gemv launch that quantizes x in the kernel (an M = 1 RMSNorm cannot take
+                    the group amax in its own kernel, and the attention output has no
+                    Inductor producer: each would need a quant kernel of its own);
+                    with quant_in_gemv=False, block_gemm_cat on the codes (two or more GEMMs)
     (4) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
@@ -23,8 +27,8 @@ by the scale (never multiplication by its reciprocal), so the fp8 codes are bit-
 
 Legend: T tokens (any leading dims), K in_features, G = K / 128 groups.
 Counters (torch._dynamo.utils.counters["fp8fx"]): linear, linear_bias, linear_static,
-linear_static_bias, act_quant_shared, block_gemm_cat (one per group),
-block_gemm_cat_members, act_quant_decomposed, act_quant_partial_group_kept.
+linear_static_bias, act_quant_shared, linear_cat and block_gemm_cat (one per group),
+linear_cat_members, block_gemm_cat_members, act_quant_decomposed, act_quant_partial_group_kept.
 """
 
 from __future__ import annotations
@@ -184,18 +188,47 @@ def _quant_source(xq, xs):
     return src if ok else None
 
 
-def _one_launch(m, ns: tuple, k: int, out_dtype: torch.dtype, device: torch.device) -> bool:
-    """A static M at which the kernels run GEMMs of widths ``ns`` as one gemv_cat launch."""
+def _one_launch(m, ns: tuple, k: int, out_dtype: torch.dtype, device: torch.device, fused_quant: bool = False) -> bool:
+    """A static M at which the kernels run GEMMs of widths ``ns`` as one gemv_cat launch
+    (``fused_quant``: quantizing high-precision activations in that launch)."""
     from fp8fx.kernels import dispatch
 
-    return isinstance(m, int) and m > 0 and dispatch.cat_takes_gemv(m, ns, k, out_dtype, device)
+    return isinstance(m, int) and m > 0 and dispatch.cat_takes_gemv(m, ns, k, out_dtype, device, fused_quant=fused_quant)
 
 
-def group_gemms(graph: torch.fx.Graph) -> None:
+def _quant_in_gemv_ok(src: torch.fx.Node, wscale_dtype, out_dtype) -> bool:
+    """The act_quant ``src`` is what fp8fx.linear_cat's kernel computes: 128-groups of a
+    high-precision x, UE8M0 exactly when the weight scales are, output in x's dtype."""
+    x, group_size, ue8m0 = src.args[:3]
+    return (_is_hp_tensor(x) and group_size == 128 and ue8m0 == (wscale_dtype == reference.E8M0_DTYPE)
+            and _val(x).dtype == out_dtype)
+
+
+def _replace_run(graph, run, target, args, lead_dims: int) -> None:
+    """One ``target(*args)`` node before run[0] whose output is the run's outputs side by side;
+    each member becomes its column slice."""
+    first = run[0]
+    with graph.inserting_before(first):
+        cat = _call(graph, target, *args)
+        cat.meta.update({k: v for k, v in first.meta.items() if k != "val"})
+        col = 0
+        for node in run:
+            width = _val(node).shape[-1]
+            piece = _call(graph, torch.ops.aten.slice.Tensor, cat, lead_dims, col, col + width)
+            col += width
+            node.replace_all_uses_with(piece)
+    for node in run:
+        graph.erase_node(node)
+
+
+def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
     """Decode: fp8fx.block_gemm nodes reading one act_quant (q/k/v, gate/up), with one scale
-    dtype, all or no biases and a static M at which dispatch.cat_takes_gemv -> one
-    fp8fx.block_gemm_cat (one kernel launch streaming every weight), sliced back per GEMM.
-    Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
+    dtype, all or no biases and a static M at which the gemv route takes them:
+    - ``quant_in_gemv`` and dispatch.cat_takes_gemv on the linear route -> one
+      fp8fx.linear_cat on the act_quant's input (one launch that quantizes in the kernel; a
+      single GEMM too), so no quant kernel runs after the producer;
+    - else, two or more on the GEMM route -> one fp8fx.block_gemm_cat;
+    sliced back per GEMM. Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
     from fp8fx.kernels.gemv import MAX_CAT
 
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -205,7 +238,7 @@ def group_gemms(graph: torch.fx.Graph) -> None:
         src = _quant_source(xq, xs)
         if src is not None:
             groups[(src, tuple(block_size), out_dtype, _val(wscale).dtype, bias is None)].append(node)
-    for (_, block_size, out_dtype, _, _), nodes in groups.items():
+    for (src, block_size, out_dtype, wscale_dtype, _), nodes in groups.items():
         nodes.sort(key=order.__getitem__)
         for start in range(0, len(nodes), MAX_CAT):
             run = nodes[start:start + MAX_CAT]
@@ -214,24 +247,22 @@ def group_gemms(graph: torch.fx.Graph) -> None:
             lead = _val(first).shape[:-1]
             m = math.prod(lead) if all(isinstance(d, int) for d in lead) else None
             ns = tuple(_val(node.args[2]).shape[0] for node in run)
+            k, device = _val(xq).shape[-1], _val(xq).device
             # Weights, scales and biases must exist where the group's launch goes (first's place).
-            inputs_ready = all(order[a] < order[first] for node in run for a in node.args[2:5] if isinstance(a, torch.fx.Node))
-            if len(run) < 2 or not inputs_ready or not _one_launch(m, ns, _val(xq).shape[-1], out_dtype, _val(xq).device):
+            if not all(order[a] < order[first] for node in run for a in node.args[2:5] if isinstance(a, torch.fx.Node)):
                 continue
-            with graph.inserting_before(first):
-                cat = _call(graph, torch.ops.fp8fx.block_gemm_cat.default, xq, xs, [node.args[2] for node in run],
-                            [node.args[3] for node in run], [node.args[4] for node in run], list(block_size), out_dtype)
-                cat.meta.update({k: v for k, v in first.meta.items() if k != "val"})
-                col, dim = 0, len(lead)
-                for node in run:
-                    width = _val(node).shape[-1]
-                    piece = _call(graph, torch.ops.aten.slice.Tensor, cat, dim, col, col + width)
-                    col += width
-                    node.replace_all_uses_with(piece)
-            for node in run:
-                graph.erase_node(node)
-            counters[COUNTER]["block_gemm_cat"] += 1
-            counters[COUNTER]["block_gemm_cat_members"] += len(run)
+            weights = ([node.args[2] for node in run], [node.args[3] for node in run], [node.args[4] for node in run])
+            if (quant_in_gemv and list(block_size) == [128, 128] and _quant_in_gemv_ok(src, wscale_dtype, out_dtype)
+                    and _one_launch(m, ns, k, out_dtype, device, fused_quant=True)):
+                _replace_run(graph, run, torch.ops.fp8fx.linear_cat.default, (src.args[0], *weights, list(block_size)),
+                             len(lead))
+                counters[COUNTER]["linear_cat"] += 1
+                counters[COUNTER]["linear_cat_members"] += len(run)
+            elif len(run) >= 2 and _one_launch(m, ns, k, out_dtype, device):
+                _replace_run(graph, run, torch.ops.fp8fx.block_gemm_cat.default,
+                             (xq, xs, *weights, list(block_size), out_dtype), len(lead))
+                counters[COUNTER]["block_gemm_cat"] += 1
+                counters[COUNTER]["block_gemm_cat_members"] += len(run)
 
 
 @functools.cache
@@ -245,11 +276,12 @@ def decompose_patterns() -> PatternMatcherPass:
     return pass_dict
 
 
-def rewrite(graph: torch.fx.Graph) -> None:
+def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
     """The whole linear rewrite: split, share quantizations of one input, group the decode
-    GEMMs of one input, decompose the quantizations."""
+    GEMMs of one input (quantizing in the gemv: ``group_gemms``), decompose the quantizations
+    left."""
     split_linear(graph)
     share_act_quant(graph)
-    group_gemms(graph)
+    group_gemms(graph, quant_in_gemv)
     decompose_patterns().apply(graph)
     graph.eliminate_dead_code()

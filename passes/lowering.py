@@ -24,10 +24,12 @@ Static activation scales and block sizes other than 128 x 128 take the run-time 
 
 fp8fx.block_gemm_cat (several weights on one input, decode; passes/linear.py) lowers to one
 extern, ``fp8fx_block_gemm_cat``: a single gemv_cat launch on CUDA, the reference on CPU.
+fp8fx.linear_cat (one or more weights on one high-precision input, decode) lowers to the
+extern ``fp8fx_linear_cat``: a single gemv_cat launch that quantizes x in the kernel.
 
 Counters (torch._dynamo.utils.counters["fp8fx"]): block_gemm_lowered,
 block_gemm_template_default, block_gemm_cublas_default, block_gemm_autotuned,
-block_gemm_cat_lowered.
+block_gemm_cat_lowered, linear_cat_lowered.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "template_configs"]
+__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "linear_cat_extern", "template_configs"]
 
 _BLOCK = [128, 128]
 log = logging.getLogger(__name__)
@@ -191,13 +193,18 @@ def _act_inputs(xq, xs):
     return xq2, xs2, lead, m, k, static_act
 
 
+def _weight_lists(operands, bias_slots):
+    """The flattened (qweights, wscales, present biases) of a cat extern call -> three lists;
+    ``bias_slots[i]`` says whether weight i has a bias."""
+    count = len(bias_slots)
+    present = iter(operands[2 * count:])
+    return list(operands[:count]), list(operands[count:2 * count]), [next(present) if has else None for has in bias_slots]
+
+
 def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, bias_slots):
     """What a compiled graph calls for fp8fx.block_gemm_cat: ``operands`` are the qweights,
-    then their scales, then the biases that exist, flattened for the wrapper;
-    ``bias_slots[i]`` says whether weight i has one."""
-    count = len(bias_slots)
-    ws, ss, present = list(operands[:count]), list(operands[count:2 * count]), iter(operands[2 * count:])
-    bs = [next(present) if has else None for has in bias_slots]
+    then their scales, then the biases that exist, flattened for the wrapper."""
+    ws, ss, bs = _weight_lists(operands, bias_slots)
     if not xq.is_cuda:
         return torch.ops.fp8fx.block_gemm_cat.default(xq, xs, ws, ss, bs, list(block_size), out_dtype)
     from fp8fx import kernels
@@ -205,11 +212,32 @@ def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, bias_slots):
     return kernels.block_gemm_cat_cuda(xq, xs, ws, ss, bs, block_size, out_dtype)
 
 
+def linear_cat_extern(x, *operands, block_size, bias_slots):
+    """What a compiled graph calls for fp8fx.linear_cat (operands as block_gemm_cat_extern's)."""
+    ws, ss, bs = _weight_lists(operands, bias_slots)
+    if not x.is_cuda:
+        return torch.ops.fp8fx.linear_cat.default(x, ws, ss, bs, list(block_size))
+    from fp8fx import kernels
+
+    return kernels.linear_cat_cuda(x, ws, ss, bs, block_size)
+
+
 @functools.cache
 def _cat_extern_choice():
     from torch._inductor.select_algorithm import ExternKernelChoice
 
     return ExternKernelChoice(block_gemm_cat_extern, name="fp8fx_block_gemm_cat", has_out_variant=False)
+
+
+@functools.cache
+def _linear_cat_extern_choice():
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    return ExternKernelChoice(linear_cat_extern, name="fp8fx_linear_cat", has_out_variant=False)
+
+
+def _weight_operands(qweights, wscales, biases):
+    return [_contiguous(t) for t in (*qweights, *wscales, *(b for b in biases if b is not None))]
 
 
 def _block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, out_dtype):
@@ -220,11 +248,31 @@ def _block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, out_dtype):
 
     counters["fp8fx"]["block_gemm_cat_lowered"] += 1
     xq2, xs2, lead, m, _, _ = _act_inputs(xq, xs)
-    operands = [_contiguous(t) for t in (*qweights, *wscales, *(b for b in biases if b is not None))]
     n = sum(w.get_size()[0] for w in qweights)
     layout = ir.FixedLayout(xq.get_device(), out_dtype, [m, n])
     node = _cat_extern_choice().bind(
-        [xq2, xs2, *operands], layout, out_dtype=out_dtype, block_size=list(block_size),
+        [xq2, xs2, *_weight_operands(qweights, wscales, biases)], layout, out_dtype=out_dtype,
+        block_size=list(block_size), bias_slots=[b is not None for b in biases],
+    ).output_node()
+    return lowerings[torch.ops.aten.reshape.default](node, [*lead, n])
+
+
+def _linear_cat(x, qweights, wscales, biases, block_size):
+    """fp8fx.linear_cat (the pass emits it for decode-sized static M only): the extern, which
+    takes one gemv_cat launch quantizing x in the kernel on CUDA. x is realized as [M, K]
+    row-major in its own dtype: its producer (RMSNorm, SiLU * mul, the attention output)
+    writes it as it would for a bf16 GEMM, and no quant kernel runs in between."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import lowerings
+
+    counters["fp8fx"]["linear_cat_lowered"] += 1
+    *lead, k = x.get_size()
+    m = functools.reduce(lambda a, b: a * b, lead, 1)
+    x2 = _contiguous(lowerings[torch.ops.aten.reshape.default](x, [m, k]))
+    n = sum(w.get_size()[0] for w in qweights)
+    layout = ir.FixedLayout(x.get_device(), x.get_dtype(), [m, n])
+    node = _linear_cat_extern_choice().bind(
+        [x2, *_weight_operands(qweights, wscales, biases)], layout, block_size=list(block_size),
         bias_slots=[b is not None for b in biases],
     ).output_node()
     return lowerings[torch.ops.aten.reshape.default](node, [*lead, n])
@@ -322,10 +370,13 @@ def register() -> None:
     op = torch.ops.fp8fx.block_gemm.default
     _extern_choice()  # the generated code (and a cached one) names extern_kernels.fp8fx_block_gemm
     _cat_extern_choice()
+    _linear_cat_extern_choice()
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(_block_gemm)
     if torch.ops.fp8fx.block_gemm_cat.default not in lowerings:
         register_lowering(torch.ops.fp8fx.block_gemm_cat.default, type_promotion_kind=None)(_block_gemm_cat)
+    if torch.ops.fp8fx.linear_cat.default not in lowerings:
+        register_lowering(torch.ops.fp8fx.linear_cat.default, type_promotion_kind=None)(_linear_cat)
     if torch.cuda.is_available():
         from fp8fx import kernels
 

@@ -3,6 +3,11 @@ fp8fx compiled, on a Llama-3-8B- or Qwen3-30B-A3B-dimension model with few layer
 variant, the GPU time per step summed over kernels and the top kernels (time per step).
 
     python scripts/profile_decode.py [--model llama3-8b|qwen3-moe] [--layers 4] [--batch 1]
+        [--trace] [--ab]
+
+Each variant also gets its CUDA-graph replay time per step (bench e2e's decode timing,
+steps + 4 steps, median of 5: kernels plus the gaps between them). --ab adds fp8fx compiled with
+``quant_in_gemv=False`` (decode activation quant in the producers' kernels) in the same process.
 """
 
 import argparse
@@ -12,7 +17,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import fp8fx
-from fp8fx.bench_e2e import MODELS, _model, _step, prefill_static_cache, rewind
+from fp8fx.bench_e2e import MODELS, _decode, _model, _step, prefill_static_cache, rewind
 
 
 def _profile(model, fwd, label, batch, steps, rows, trace=False):
@@ -32,7 +37,10 @@ def _profile(model, fwd, label, batch, steps, rows, trace=False):
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / steps
-    print(f"\n=== {label}: {total / 1000:.3f} ms of kernels per step")
+    # The same cache length as above (no recompile): steps + 4 positions past the context.
+    graph_ms, _, (logits_err, _) = _decode(model, fwd, batch, context, steps + 4, 5, "manual")
+    print(f"\n=== {label}: {total / 1000:.3f} ms of kernels per step; CUDA-graph replay {graph_ms:.3f} ms/step "
+          f"(logits vs eager {logits_err:.3f})")
     print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
         per_step = e.self_device_time_total / steps
@@ -57,6 +65,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--trace", action="store_true", help="also print the last step's kernels in order")
+    parser.add_argument("--ab", action="store_true", help="also fp8fx with the decode quant in the producers")
     args = parser.parse_args()
     model = _model(args.layers, args.model)
     bf16c = torch.compile(model, dynamic=False)
@@ -64,9 +73,12 @@ def main():
              args.batch, args.steps, args.rows, args.trace)
     torch._dynamo.reset()
     fp8fx.quantize_(model)
-    fp8c = torch.compile(model, backend=fp8fx.backend, dynamic=False)
-    _profile(model, fp8c, f"fp8fx compiled, {args.model}, {args.layers} layers, batch {args.batch}",
-             args.batch, args.steps, args.rows, args.trace)
+    variants = [(True, "fp8fx compiled")] + ([(False, "fp8fx compiled, quant in producers")] if args.ab else [])
+    for quant_in_gemv, name in variants:
+        torch._dynamo.reset()
+        fp8c = torch.compile(model, backend=fp8fx.backend_with(quant_in_gemv=quant_in_gemv), dynamic=False)
+        _profile(model, fp8c, f"{name}, {args.model}, {args.layers} layers, batch {args.batch}",
+                 args.batch, args.steps, args.rows, args.trace)
 
 
 if __name__ == "__main__":

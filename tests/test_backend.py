@@ -97,12 +97,13 @@ def _llama_layer(quantize=True):
 # -- helpers --------------------------------------------------------------------------------
 
 
-def post_grad(model, *args, config=None, dynamic=True, **kwargs) -> str:
+def post_grad(model, *args, config=None, dynamic=True, quant_in_gemv=True, **kwargs) -> str:
     """The normalized post-grad graph fp8fx.backend would compile (fullgraph, dynamic unless
     ``dynamic=False``: the static shapes of a decode graph)."""
     torch._dynamo.reset()
     graphs: list = []
-    compiled = torch.compile(model, backend=post_grad_backend(backend_with(config), graphs), fullgraph=True, dynamic=dynamic)
+    b = backend_with(config, quant_in_gemv=quant_in_gemv)
+    compiled = torch.compile(model, backend=post_grad_backend(b, graphs), fullgraph=True, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
     assert len(graphs) == 1
@@ -238,9 +239,37 @@ v33: bf16[s0, 128] = fp8fx.block_gemm(v30, v24, in4, in5, None, [128, 128], bf16
 return (v31, v32, v33)""")
 
     def test_rmsnorm_qkv_decode(self):
-        # One token, static shapes (a decode graph): the three GEMMs of the shared quantized
-        # input become one block_gemm_cat (one gemv launch on CUDA), sliced back per GEMM.
+        # One token, static shapes (a decode graph): the three GEMMs of the normalized input
+        # become one linear_cat (one gemv launch on CUDA quantizing in the kernel), sliced
+        # back per GEMM; no quantization is left for the RMSNorm's kernel.
         g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), dynamic=False)
+        self.assertExpectedInline(g, """\
+in0: f8e4m3[256, 256]
+in1: f32[2, 2]
+in2: f8e4m3[128, 256]
+in3: f32[1, 2]
+in4: f8e4m3[128, 256]
+in5: f32[1, 2]
+in6: bf16[256]
+in7: bf16[1, 1, 256]
+v8: f32[1, 1, 256] = prims.convert_element_type(in7, f32)
+v9: f32[1, 1, 256] = aten.pow(v8, 2)
+v10: f32[1, 1, 1] = aten.mean(v9, [2], True)
+v11: f32[1, 1, 1] = aten.add(v10, 9.999999974752427e-07)
+v12: f32[1, 1, 1] = aten.rsqrt(v11)
+v13: f32[1, 1, 256] = aten.mul(v8, v12)
+v14: f32[1, 1, 256] = aten.mul(v13, in6)
+v15: bf16[1, 1, 256] = prims.convert_element_type(v14, bf16)
+v16: bf16[1, 1, 512] = fp8fx.linear_cat(v15, [in0, in2, in4], [in1, in3, in5], [None, None, None], [128, 128])
+v17: bf16[1, 1, 256] = aten.slice(v16, 2, 0, 256)
+v18: bf16[1, 1, 128] = aten.slice(v16, 2, 256, 384)
+v19: bf16[1, 1, 128] = aten.slice(v16, 2, 384, 512)
+return (v17, v18, v19)""")
+
+    def test_rmsnorm_qkv_decode_quant_in_producer(self):
+        # quant_in_gemv=False: the quantization stays with the RMSNorm, and the three GEMMs of
+        # the shared codes become one block_gemm_cat (one gemv launch on CUDA).
+        g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), dynamic=False, quant_in_gemv=False)
         self.assertExpectedInline(g, """\
 in0: f8e4m3[256, 256]
 in1: f32[2, 2]
@@ -775,20 +804,30 @@ def test_llama_layer_numerics_and_no_recompiles():
         assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_decode_gemms_of_one_input_run_as_one_launch():
-    # A Llama layer at one token (static): q/k/v and gate/up are two block_gemm_cat calls,
-    # o_proj and down_proj stay block_gemm; the output is eager fp8fx's.
+@pytest.mark.parametrize("quant_in_gemv", [True, False])
+def test_decode_gemms_of_one_input_run_as_one_launch(quant_in_gemv):
+    # A Llama layer at one token (static): q/k/v and gate/up are one launch each; with the
+    # quantization in the gemv, o_proj and down_proj are linear_cat calls of one weight and
+    # no kernel quantizes (no fp8 conversion in the generated code); else they stay
+    # block_gemm. The output is eager fp8fx's.
     layer, h, kwargs = _llama_layer()
     cos, sin = kwargs["position_embeddings"]
     h1, kw1 = h[:, :1], {"position_embeddings": (cos[:, :1], sin[:, :1]), "attention_mask": None}
     with fresh_compile(), torch.no_grad():
-        compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+        b = backend_with(quant_in_gemv=quant_in_gemv)
+        compiled = torch.compile(layer, backend=b, fullgraph=True, dynamic=False)
         y, codes = run_and_get_code(compiled, h1, **kw1)
-        assert counters["fp8fx"]["block_gemm_cat"] == 2 and counters["fp8fx"]["block_gemm_cat_members"] == 5
-        assert counters["fp8fx"]["block_gemm_cat_lowered"] == 2 and counters["fp8fx"]["block_gemm_lowered"] == 2
         body = codes[0][codes[0].index("def call(") :]
-        assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2
-        assert body.count("extern_kernels.fp8fx_block_gemm(") == 2
+        if quant_in_gemv:
+            assert counters["fp8fx"]["linear_cat"] == 4 and counters["fp8fx"]["linear_cat_members"] == 7
+            assert counters["fp8fx"]["linear_cat_lowered"] == 4 and counters["fp8fx"]["block_gemm_lowered"] == 0
+            assert body.count("extern_kernels.fp8fx_linear_cat(") == 4 and "fp8fx_block_gemm" not in body
+            assert "Float8_e4m3fn" not in codes[0] and "act_quant" not in codes[0]
+        else:
+            assert counters["fp8fx"]["block_gemm_cat"] == 2 and counters["fp8fx"]["block_gemm_cat_members"] == 5
+            assert counters["fp8fx"]["block_gemm_cat_lowered"] == 2 and counters["fp8fx"]["block_gemm_lowered"] == 2
+            assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2
+            assert body.count("extern_kernels.fp8fx_block_gemm(") == 2
         y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, layer(h1, **kw1)))
         assert rel_err(y, expect) < 1e-3
 
@@ -804,22 +843,26 @@ def test_gemms_grouped_when_each_takes_the_gemv(monkeypatch):
     assert dispatch.cat_takes_gemv(16, (4096, 1024, 1024), 4096, BF16, cuda)
     assert not dispatch.cat_takes_gemv(16, (14336, 14336), 4096, BF16, cuda)
     assert not dispatch.cat_takes_gemv(64, (4096, 1024, 1024), 4096, BF16, cuda)
+    # The linear route (quantizing in the kernel) measured the gemv at both at M = 16.
+    assert dispatch.cat_takes_gemv(16, (14336, 14336), 4096, BF16, cuda, fused_quant=True)
     # The pass asks the same question: routes faked so that only single GEMMs take the gemv.
     real = dispatch.choose
     monkeypatch.setattr(dispatch, "choose", lambda m, n, k, *a, **kw: "gemv" if n <= 256 else real(64, n, k, *a, **kw))
-    g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16))
-    cats = [line for line in g.splitlines() if "block_gemm_cat" in line]
-    assert len(cats) == 1 and "fp8fx.block_gemm(" not in g, g
+    for quant_in_gemv, op in ((True, "fp8fx.linear_cat("), (False, "fp8fx.block_gemm_cat(")):
+        g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), quant_in_gemv=quant_in_gemv)
+        cats = [line for line in g.splitlines() if op in line]
+        assert len(cats) == 1 and "fp8fx.block_gemm(" not in g, g
     monkeypatch.setattr(dispatch, "choose", lambda m, n, k, *a, **kw: real(64, n, k, *a, **kw))
     g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16))
-    assert "block_gemm_cat" not in g and g.count("fp8fx.block_gemm(") == 3, g
+    assert "_cat(" not in g and g.count("fp8fx.block_gemm(") == 3, g
 
 
 @pytest.mark.parametrize("case", ["dynamic", "m64", "mixed_bias", "static_act"])
 def test_gemms_not_grouped(case):
     # Grouping needs a static M that takes the gemv route, one act_quant (dynamic scales) and
     # the same bias presence: prefill graphs (dynamic M), M = 64 (the block GEMM's class) and
-    # static activation scales keep one block_gemm per linear; mixed biases group by presence.
+    # static activation scales keep one block_gemm per linear; mixed biases group by presence
+    # (quantizing in the gemv, q alone is a linear_cat of one weight).
     model, x, dynamic = _build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), False
     if case == "dynamic":
         x, dynamic = torch.randn(1, 3, 256, dtype=BF16), True
@@ -833,14 +876,19 @@ def test_gemms_not_grouped(case):
         model = _build(NormQKV, quantize=False)
         for lin in (model.q, model.k, model.v):
             lin.weight = nn.Parameter(BlockFP8Tensor.from_hp(lin.weight, act_scale=torch.tensor(0.02)), requires_grad=False)
-    g = post_grad(model, x, dynamic=dynamic)
-    cats = [line for line in g.splitlines() if "block_gemm_cat" in line]
-    singles = [line for line in g.splitlines() if "fp8fx.block_gemm(" in line]
-    if case == "mixed_bias":  # k and v grouped (no bias), q (with bias) alone
-        assert len(cats) == 1 and "[None, None]" in cats[0] and "bf16[1, 1, 256]" in cats[0], g
-        assert len(singles) == 1 and "bf16[1, 1, 256] = " in singles[0] and ", None, [128, 128]" not in singles[0], g
-    else:
-        assert not cats and len(singles) == 3, g
+    for quant_in_gemv in (True, False):
+        g = post_grad(model, x, dynamic=dynamic, quant_in_gemv=quant_in_gemv)
+        cats = [line for line in g.splitlines() if "_cat(" in line]
+        singles = [line for line in g.splitlines() if "fp8fx.block_gemm(" in line]
+        if case == "mixed_bias" and quant_in_gemv:  # k and v grouped (no bias), q (with bias) alone
+            assert len(cats) == 2 and not singles, g
+            assert "[None, None]" in cats[1] and "bf16[1, 1, 256]" in cats[1], g
+            assert "bf16[1, 1, 256] = fp8fx.linear_cat" in cats[0] and "[None]" not in cats[0], g
+        elif case == "mixed_bias":
+            assert len(cats) == 1 and "[None, None]" in cats[0] and "bf16[1, 1, 256]" in cats[0], g
+            assert len(singles) == 1 and "bf16[1, 1, 256] = " in singles[0] and ", None, [128, 128]" not in singles[0], g
+        else:
+            assert not cats and len(singles) == 3, g
 
 
 def test_block_gemm_cat_op():
@@ -872,6 +920,37 @@ def test_block_gemm_cat_op():
     with pytest.raises(TypeError, match="share one scale dtype"):
         e8 = R.quantize_weight(torch.randn(128, 256), (128, 128), "ue8m0")
         torch.ops.fp8fx.block_gemm_cat(xq, xs, [w0, e8[0]], [s0, e8[1]], [None, None], [128, 128], BF16)
+
+
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_linear_cat_op(scale_fmt):
+    # The op is fp8fx.linear per weight, concatenated (CPU: the reference): x quantized once
+    # with the weights' scale format, heavy tails, outliers and a zero row.
+    x = heavy_tailed(3, 256, seed=8)
+    x[1] = 0
+    ws = [R.quantize_weight(torch.randn(n, 256), (128, 128), scale_fmt) for n in (256, 128, 16)]
+    biases = [torch.randn(256), None, torch.randn(16)]
+    args = (x, [w for w, _ in ws], [s for _, s in ws], biases)
+    y = torch.ops.fp8fx.linear_cat(*args, [128, 128])
+    expect = torch.cat([R.linear(x, w, s, b) for (w, s), b in zip(ws, biases)], -1)
+    assert torch.equal(y, expect) and y.shape == (3, 400) and y.dtype == x.dtype
+    # Compiled, the op lowers to one extern call that takes the biases that exist.
+    with fresh_compile():
+        fn = torch.compile(lambda *a: torch.ops.fp8fx.linear_cat(*a, [128, 128]), backend=backend, fullgraph=True)
+        y_c, codes = run_and_get_code(fn, *args)
+        assert counters["fp8fx"]["linear_cat_lowered"] == 1 and "fp8fx_linear_cat(" in codes[0]
+    assert torch.equal(y_c, expect)
+    (w0, s0), (w1, s1) = ws[:2]
+    with pytest.raises(ValueError, match="one or more weights"):
+        torch.ops.fp8fx.linear_cat(x, [], [], [], [128, 128])
+    with pytest.raises(ValueError, match="one or more weights"):
+        torch.ops.fp8fx.linear_cat(x, [w0, w1], [s0], [None, None], [128, 128])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        torch.ops.fp8fx.linear_cat(x.to(R.FP8_DTYPE), [w0], [s0], [None], [128, 128])
+    with pytest.raises(ValueError, match="the weight expects 256"):
+        torch.ops.fp8fx.linear_cat(x[:, :128], [w0], [s0], [None], [128, 128])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.fp8fx.linear_cat(x, [w0], [s0], [torch.zeros(3)], [128, 128])
 
 
 def test_unquantized_model_compiles_to_fp8():
@@ -956,6 +1035,7 @@ def test_backend_options():
 def test_pass_uuid():
     assert PostGradPass().uuid() == PostGradPass().uuid()
     assert PostGradPass().uuid() != PostGradPass(BlockFP8Config(scale_fmt="ue8m0")).uuid()
+    assert PostGradPass().uuid() != PostGradPass(quant_in_gemv=False).uuid()
     assert isinstance(PostGradPass().uuid(), bytes)
     from fp8fx.kernels import dispatch
 

@@ -154,10 +154,12 @@ def test_cuda_graphs_decode_steps():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_decode_layer_gemms_grouped_and_graph_replay():
+@pytest.mark.parametrize("quant_in_gemv", [True, False])
+def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
     """A Llama decoder layer at one token, compiled with static shapes: q/k/v and gate/up run
-    as two gemv_cat launches (fp8fx_block_gemm_cat), the output matches eager fp8fx, and a
-    CUDA graph of the compiled step replays to the same values."""
+    as two gemv_cat launches (fp8fx_linear_cat, with o and down one each, quantizing in the
+    kernel; or fp8fx_block_gemm_cat), the output matches eager fp8fx, and a CUDA graph of the
+    compiled step replays to the same values."""
     from torch._inductor.utils import run_and_get_code
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -170,14 +172,19 @@ def test_decode_layer_gemms_grouped_and_graph_replay():
     h = heavy_tailed(1, 1, 1024, dtype=BF16, seed=2, outliers=False).cuda()
     cos, sin = LlamaRotaryEmbedding(config, device="cuda")(h, torch.arange(1, device="cuda")[None])
     kw = {"position_embeddings": (cos, sin), "attention_mask": None}
-    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(layer, backend=backend_with(quant_in_gemv=quant_in_gemv), fullgraph=True, dynamic=False)
     with torch.no_grad():
         y, codes = run_and_get_code(compiled, h, **kw)
         expect = layer(h, **kw)
         y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
         body = codes[0][codes[0].index("def call(") :]
-        assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
-        assert counters["fp8fx"]["block_gemm_cat_members"] == 5
+        if quant_in_gemv:
+            assert body.count("extern_kernels.fp8fx_linear_cat(") == 4, body
+            assert counters["fp8fx"]["linear_cat_members"] == 7
+            assert "tl.float8" not in codes[0], codes[0]  # no Triton kernel quantizes
+        else:
+            assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
+            assert counters["fp8fx"]["block_gemm_cat_members"] == 5
         assert rel_err(y, expect) < 0.02
         g = torch.cuda.CUDAGraph()
         static_h = h.clone()

@@ -343,8 +343,10 @@ def test_gemv_fp8_input_routes(m, n, k):
 def test_gemv_cat(m, ns, k, scale_fmt, tma, tma_eager):
     """One launch over q/k/v or gate/up (Llama-3-8B, Qwen3-30B-A3B attention and an uneven
     third weight): bit-equal to torch.cat of the single gemvs with the same config, within
-    2e-3 of the exact product, through the op (block_gemm_cat_cuda) too."""
-    from fp8fx.kernels import block_gemm_cat_cuda, dispatch
+    2e-3 of the exact product, through the ops (block_gemm_cat_cuda, and linear_cat_cuda,
+    which quantizes bf16 x in the kernel) too. Quantizing in the kernel gives the same codes:
+    at M <= 2 (the same row tiling) bit-equal to the fp8-input launch."""
+    from fp8fx.kernels import block_gemm_cat_cuda, dispatch, linear_cat_cuda
     from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels.gemv import gemv, gemv_cat
 
@@ -365,6 +367,12 @@ def test_gemv_cat(m, ns, k, scale_fmt, tma, tma_eager):
     assert _rel(y, ref) <= 2e-3
     y_op = block_gemm_cat_cuda(xq, xs, ws, ss, biases or [None] * len(ns), [128, 128], torch.bfloat16)
     assert _rel(y_op, ref) <= 2e-3
+    y_in = gemv_cat(x, None, ws, ss, biases, torch.bfloat16, config=cfg, act_ue8m0=scale_fmt == "ue8m0")
+    assert _rel(y_in, ref) <= 2e-3
+    if m <= 2:
+        assert torch.equal(y_in, y)
+    y_lin = linear_cat_cuda(x, ws, ss, biases or [None] * len(ns), [128, 128])
+    assert _rel(y_lin, ref) <= 2e-3
     from fp8fx.kernels.gemv import _TICKETS
 
     if x.device in _TICKETS:  # split-K ran: every ticket was set back to zero

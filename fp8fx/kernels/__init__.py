@@ -26,6 +26,7 @@ __all__ = [
     "act_quant_cuda",
     "block_gemm_cuda",
     "block_gemm_cat_cuda",
+    "linear_cat_cuda",
     "grouped_linear_cuda",
     "expert_linear_cuda",
     "prepared_weight_scale",
@@ -234,6 +235,31 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     return y.reshape(*lead, n)
 
 
+def linear_cat_cuda(x, qweights, wscales, biases, block_size):
+    """CUDA fp8fx::linear_cat: one gemv_cat launch quantizing x in the kernel when
+    dispatch.cat_takes_gemv on the linear route (decode) and the weights fit one launch;
+    otherwise linear per weight."""
+    from fp8fx import reference
+    from fp8fx.kernels import dispatch
+    from fp8fx.kernels.gemv import MAX_CAT, gemv_cat
+
+    _check_cuda(x, *qweights, *wscales, *biases)
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    m = x.numel() // k if k else 0
+    ns = tuple(w.shape[0] for w in qweights)
+    one_launch = (
+        list(block_size) == _BLOCK and m > 0 and k % 16 == 0 and len(qweights) <= MAX_CAT
+        and len({b is None for b in biases}) == 1
+        and dispatch.cat_takes_gemv(m, ns, k, x.dtype, x.device, fused_quant=True)
+    )
+    if not one_launch:
+        return torch.cat([linear_cuda(x, w, s, b, None, block_size) for w, s, b in zip(qweights, wscales, biases)], -1)
+    ue8m0 = wscales[0].dtype == reference.E8M0_DTYPE
+    y = gemv_cat(x.reshape(m, k), None, qweights, wscales, biases, x.dtype, act_ue8m0=ue8m0)
+    return y.reshape(*lead, sum(ns))
+
+
 def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
     """CUDA fp8fx::grouped_linear: tokens sorted by expert -> y[T, N] in x's dtype."""
     from fp8fx import reference
@@ -268,6 +294,6 @@ def register() -> None:
 
     ops._cuda_impl.update(
         linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, block_gemm_cat=block_gemm_cat_cuda,
-        grouped_linear=grouped_linear_cuda,
+        linear_cat=linear_cat_cuda, grouped_linear=grouped_linear_cuda,
         expert_linear=expert_linear_cuda, grouped_linear_masked=grouped_linear_masked_cuda,
     )

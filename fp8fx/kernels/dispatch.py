@@ -308,14 +308,17 @@ def choose(
     return _choose(m, n, k, out_dtype, device, fused_quant, static_act, _check(pref or _preference))
 
 
-def cat_takes_gemv(m: int, ns: tuple, k: int, out_dtype: torch.dtype, device: torch.device, static_act: bool = False) -> bool:
+def cat_takes_gemv(m: int, ns: tuple, k: int, out_dtype: torch.dtype, device: torch.device, static_act: bool = False,
+                   fused_quant: bool = False) -> bool:
     """GEMMs of one input (widths ``ns``) run as one gemv_cat launch: when their concatenated
     shape takes the gemv route, or when each of them alone would (one launch then replaces
     several gemv launches of the same kernel: Llama-3-8B q/k/v at M = 16, whose concatenated
-    shape measured faster on the Triton block GEMM, ran as three gemvs of 10.5 + 7.6 + 7.3 us)."""
-    if choose(m, sum(ns), k, out_dtype, device, static_act=static_act) == "gemv":
+    shape measured faster on the Triton block GEMM, ran as three gemvs of 10.5 + 7.6 + 7.3 us).
+    ``fused_quant``: the launch quantizes high-precision activations (the linear routes)."""
+    kw = dict(static_act=static_act, fused_quant=fused_quant)
+    if choose(m, sum(ns), k, out_dtype, device, **kw) == "gemv":
         return True
-    return all(choose(m, n, k, out_dtype, device, static_act=static_act) == "gemv" for n in ns)
+    return all(choose(m, n, k, out_dtype, device, **kw) == "gemv" for n in ns)
 
 
 @functools.lru_cache(maxsize=4096)
