@@ -3,7 +3,7 @@
     tokens [T, H], top_k_index [T, k], top_k_weights [T, k]
       sort the T*k (token, expert) pairs by expert -> x [S, H], offs [E] (device tensors)
       h = fp8fx::grouped_linear(x, gate_up_proj)  -> gate(h) -> fp8fx::grouped_linear(.., down_proj)
-      weight by routing, unsort, sum over k       -> [T, H]
+      unsort (gather), weight by routing, sum over k -> [T, H]
 
 No host synchronisation: counts come from histc, offsets from cumsum, and out-of-range
 expert ids trip a device-side assert instead of an ``.item()`` check. Up to
@@ -88,9 +88,12 @@ def grouped_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_w
     x = hidden_states[perm // k]  # [S, H], grouped by expert
     y = _expert_mlp(self, x, up, ids_sorted, lambda a, w: _grouped(a, w, offs))
     y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
-    out = torch.empty_like(y)
-    out[perm] = y
-    return out.view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+    # Back to (token, k) order by a gather through the inverse permutation (the same values
+    # as the scatter out[perm] = y): on CUDA that index_put took 306 us at 4096 tokens x
+    # top-8 x 2048 (H200), a gather of as many rows 49 us.
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y[inv].view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
 # Up to this many (token, expert) rows, when the count is static (eager, or a graph compiled

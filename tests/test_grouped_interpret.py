@@ -68,6 +68,22 @@ def test_grouped_linear_matches_reference(e, n, k, counts, scale_fmt, route, mon
 
 
 @interpreted
+@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
+def test_grouped_gemm_tile_order(group_m):
+    # The 1-D grid's tile order (GROUP_M row tiles per column sweep, a partial last group,
+    # tiles past the last row tile): every tile written once, each as the reference has it.
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.grouped_gemm import grouped_gemm
+
+    x, q, s, offs = _case(4, 80, 256, [9, 0, 23, 5], "float32", seed=11)
+    xq, xs = act_quant(x)
+    y = grouped_gemm(xq, xs, q, s, offs, torch.float32, block_m=16, block_n=32, group_m=group_m)
+    assert rel_err(y, _exact(x, q, s, offs)) < 2e-3
+    ref = grouped_gemm(xq, xs, q, s, offs, torch.float32, block_m=16, block_n=32, group_m=1)
+    assert torch.equal(y, ref)
+
+
+@interpreted
 @pytest.mark.parametrize("block_m", [1, 2, 16])
 @pytest.mark.parametrize("split_k,tma", [(1, False), (3, False), (3, True)])
 def test_grouped_gemv_edges(block_m, split_k, tma):

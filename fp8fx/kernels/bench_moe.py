@@ -202,7 +202,11 @@ def _expert_rows(rep: int, sweep: bool) -> list[dict]:
     return rows
 
 
-def _layer_rows(rep: int) -> list[dict]:
+def qwen3_moe_blocks():
+    """(bf16, fp8fx) transformers ``Qwen3MoeSparseMoeBlock`` at Qwen3-30B-A3B dimensions on the
+    GPU: random N(0, 0.02) weights, bf16 with "grouped_mm" experts, and a quantized copy."""
+    import copy
+
     import fp8fx
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -215,11 +219,14 @@ def _layer_rows(rep: int) -> list[dict]:
     bf16 = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
     for p in bf16.parameters():
         p.data.normal_(0, 0.02)
-    import copy
-
     fp8 = copy.deepcopy(bf16)
     fp8.experts.config = copy.deepcopy(config)
     fp8fx.quantize_(fp8)
+    return bf16, fp8
+
+
+def _layer_rows(rep: int) -> list[dict]:
+    bf16, fp8 = qwen3_moe_blocks()
     rows = []
     for tokens in QWEN3["tokens"]:
         x = torch.randn(1, tokens, QWEN3["hidden"], device="cuda", dtype=torch.bfloat16)

@@ -100,10 +100,20 @@ def _grouped_gemm_kernel(
     stride_cm,
     # meta-parameters
     B_SCALE_E8M0: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Tile order (a 1-D grid over ROW_TILES x N tiles): GROUP_M consecutive row tiles share
+    # each sweep over the columns, so their a rows are read from DRAM once and each expert's
+    # weight tile is reused from L2 by its row tiles in the group. (Row tiles fastest, as a
+    # 2-D grid gives, streams all of a once per column tile.)
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    row_tiles = tl.num_programs(0) // tiles_n
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = min(row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
     g, row0, row_end = expert_tile(offs_ptr, pid_m, T, E, E_POW2, BLOCK_M)
     if g > E:  # past the last tile of this batch
         return
@@ -141,6 +151,7 @@ def grouped_gemm(
     block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 4,
+    group_m: int = 8,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8,
     sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N] (see the module docstring)."""
@@ -175,7 +186,7 @@ def grouped_gemm(
     offs = offs.to(torch.int32)
 
     # (3) launch
-    grid = (max_row_tiles(t, e, block_m), cdiv(n, block_n))
+    grid = (max_row_tiles(t, e, block_m) * cdiv(n, block_n),)
     _grouped_gemm_kernel[grid](
         a, sa, b, sb_t, out, offs,
         t, n, k, e,
@@ -183,7 +194,7 @@ def grouped_gemm(
         b.stride(0), b.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2),
         out.stride(0),
         B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
