@@ -226,11 +226,14 @@ def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
     dtype, all or no biases and a static M at which the gemv route takes them:
     - ``quant_in_gemv`` and dispatch.cat_takes_gemv on the linear route -> one
       fp8fx.linear_cat on the act_quant's input (one launch that quantizes in the kernel; a
-      single GEMM too), so no quant kernel runs after the producer;
+      single GEMM too), so no quant kernel runs after the producer; not under max-autotune,
+      which benchmarks the block_gemm lowering's choices instead;
     - else, two or more on the GEMM route -> one fp8fx.block_gemm_cat;
     sliced back per GEMM. Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
     from fp8fx.kernels.gemv import MAX_CAT
+    from fp8fx.passes.lowering import _max_autotune
 
+    quant_in_gemv = quant_in_gemv and not _max_autotune()
     order = {node: i for i, node in enumerate(graph.nodes)}
     groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="call_function", target=torch.ops.fp8fx.block_gemm.default):

@@ -832,6 +832,16 @@ def test_decode_gemms_of_one_input_run_as_one_launch(quant_in_gemv):
         assert rel_err(y, expect) < 1e-3
 
 
+def test_max_autotune_keeps_block_gemm_at_decode():
+    # Under max-autotune the decode GEMMs stay block_gemm (their lowering benchmarks the
+    # choices) and q/k/v share one block_gemm_cat, as with quant_in_gemv=False.
+    g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), dynamic=False)
+    assert "fp8fx.linear_cat(" in g
+    with torch._inductor.config.patch(max_autotune=True):
+        g = post_grad(_build(NormQKV), torch.randn(1, 1, 256, dtype=BF16), dynamic=False)
+    assert "fp8fx.linear_cat(" not in g and g.count("fp8fx.block_gemm_cat(") == 1, g
+
+
 def test_gemms_grouped_when_each_takes_the_gemv(monkeypatch):
     # Llama-3-8B q/k/v at M = 16: the concatenated shape measured faster on the Triton block
     # GEMM, but each GEMM alone takes the gemv, so one gemv_cat launch replaces three gemvs.
