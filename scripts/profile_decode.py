@@ -3,7 +3,7 @@ fp8fx compiled, on a Llama-3-8B- or Qwen3-30B-A3B-dimension model with few layer
 variant, the GPU time per step summed over kernels and the top kernels (time per step).
 
     python scripts/profile_decode.py [--model llama3-8b|qwen3-moe] [--layers 4] [--batch 1]
-        [--trace] [--ab]
+        [--trace] [--ab] [--no-pre-quant]
 
 Each variant also gets its CUDA-graph replay time per step (bench e2e's decode timing,
 steps + 4 steps, median of 5: kernels plus the gaps between them). --ab adds fp8fx compiled with
@@ -66,7 +66,13 @@ def main():
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--trace", action="store_true", help="also print the last step's kernels in order")
     parser.add_argument("--ab", action="store_true", help="also fp8fx with the decode quant in the producers")
+    parser.add_argument("--no-pre-quant", action="store_true",
+                        help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
+    if args.no_pre_quant:
+        from fp8fx.kernels import gemv
+
+        gemv.PRE_QUANT = False
     model = _model(args.layers, args.model)
     bf16c = torch.compile(model, dynamic=False)
     _profile(model, bf16c, f"bf16 compiled, {args.model}, {args.layers} layers, batch {args.batch}",

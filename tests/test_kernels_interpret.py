@@ -221,12 +221,17 @@ def _identity_weight(k):
 
 
 @interpreted
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m,pre_quant", [(1, True), (1, False), (3, True), (16, True)])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
 @pytest.mark.parametrize("cfg_name,dtype", [(c, torch.bfloat16) for c in GEMV_CONFIGS]
                          + [("dot_n32_split3", torch.float16), ("dot_n32_split3", torch.float32)])
-def test_gemv_quant_bit_exact(m, scale_fmt, cfg_name, dtype):
+def test_gemv_quant_bit_exact(m, pre_quant, scale_fmt, cfg_name, dtype, monkeypatch):
+    # M = 1 quantizes the program's K range before the K loop (gemv.PRE_QUANT), or per K block
+    # in the loop; M = 3 and 16 (16 rows per program) always in the loop.
+    from fp8fx.kernels import gemv as gemv_mod
     from fp8fx.kernels.gemv import GemvConfig, gemv
+
+    monkeypatch.setattr(gemv_mod, "PRE_QUANT", pre_quant)
 
     k = 272  # 2 full K blocks + 16
     wq, ws = _identity_weight(k)

@@ -160,7 +160,7 @@ def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_
 def _gemv_kernel(
     # pointers
     x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, offs_ptr,
-    w1_ptr, sw1_ptr, bias1_ptr, w2_ptr, sw2_ptr, bias2_ptr,
+    w1_ptr, sw1_ptr, bias1_ptr, w2_ptr, sw2_ptr, bias2_ptr, xq_ptr, sxq_ptr,
     # shapes
     M, N, K, KB_PER_SPLIT, SPLIT_K, E, N_A, N_B,
     # strides
@@ -172,6 +172,7 @@ def _gemv_kernel(
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
     ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr, NUM_W: tl.constexpr, W_TMA: tl.constexpr,
+    X_PRE: tl.constexpr, KB_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -271,6 +272,29 @@ def _gemv_kernel(
         _prefetch_l2(w_ptr, rn, stride_wn, kb_start, kb_end, PREFETCH, BLOCK_K)
     if PDL:
         _grid_dependency(True)  # everything earlier kernels wrote is visible from here on
+    stride_sxk_loop = stride_sxk
+    if X_PRE:
+        # Quantize this program's K range of its rows once, before the K loop, into scratch
+        # codes xq [M, K] and scales [M, nK] (every N tile of this split writes the same
+        # values), then read them back as fp8 input: the group amax, the division and the
+        # cast leave each K block's critical path. Same codes as quantizing per K block.
+        pre = tl.arange(0, BLOCK_M * KB_PRE)
+        pre_m = row0 + pre // KB_PRE
+        pre_kb = kb_start + pre % KB_PRE
+        pre_ok = (pre_m < row_end) & (pre_kb < kb_end)
+        pre_k = pre_kb[:, None] * BLOCK_K + offs_k[None, :]
+        pre_mask = pre_ok[:, None] & (pre_k < K)
+        x_pre = tl.load(x_ptr + pre_m[:, None].to(tl.int64) * stride_xm + pre_k, mask=pre_mask, other=0.0)
+        x_pre = x_pre.to(tl.float32)
+        s_pre = group_scale(x_pre, ACT_UE8M0)
+        tl.store(xq_ptr + pre_m[:, None].to(tl.int64) * K + pre_k, _quantize_rows(x_pre, s_pre, ACT_UE8M0, EXACT_CAST),
+                 mask=pre_mask)
+        n_kb = tl.cdiv(K, BLOCK_K)
+        tl.store(sxq_ptr + pre_m * n_kb + pre_kb, s_pre, mask=pre_ok)
+        tl.debug_barrier()  # this program's codes are written before any thread reads them
+        x_ptrs = xq_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+        sx_ptrs = sxq_ptr + offs_m * n_kb
+        stride_sxk_loop = 1
     if KB_ITER > 1 or W_DOUBLE_BUFFER:
         k_lim = min(kb_end * BLOCK_K, K)  # this split's K columns end here
     else:
@@ -301,9 +325,9 @@ def _gemv_kernel(
                 w_next = tl.load(w_ptrs + (kb + 1) * BLOCK_K, mask=nxt_ok[None, :], other=0.0)
             x_mask = m_ok[:, None] & k_ok[None, :]
             # Activation codes xq[BM, BK] and scales sx[BM].
-            if X_FP8:
+            if X_FP8 or X_PRE:
                 xq = tl.load(x_ptrs + kb * BLOCK_K, mask=x_mask, other=0.0)
-                sx = tl.load(sx_ptrs + kb_s * stride_sxk, mask=m_ok, other=1.0)
+                sx = tl.load(sx_ptrs + kb_s * stride_sxk_loop, mask=m_ok, other=1.0)
             else:
                 x = tl.load(x_ptrs + kb * BLOCK_K, mask=x_mask, other=0.0).to(tl.float32)
                 if STATIC_ACT:
@@ -520,6 +544,15 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         tickets = _tickets(x.device, tiles_m * tiles_n)
     else:
         part, tickets = out, out  # unused
+    # Quantize the program's whole K range before the K loop (PRE_QUANT): dense weights,
+    # dynamic scales, at most 32 (row, K block) groups per program (registers).
+    kb_pre = next_power_of_2(per_split)
+    pre = PRE_QUANT and not (x_fp8 or static or grouped or row_ids) and block_m * kb_pre <= 32
+    if pre:
+        xq_s = torch.empty(m, k, dtype=reference.FP8_DTYPE, device=x.device)
+        sx_s = torch.empty(m, n_kb, dtype=torch.float32, device=x.device)
+    else:
+        xq_s, sx_s = out, out  # unused
     we, swe = (w.stride(0), sw_t.stride(0)) if grouped else (0, 0)
     # PDL and the L2 prefetch run before the grid-dependency wait, but a grouped program
     # needs offs (written by the kernel before) to know its expert's weights: neither there.
@@ -536,7 +569,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         wa, wb, wc = descs[id(wa)], descs[id(wb)], descs[id(wc)]
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, sx_t, wa, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
-        wb, sw1, b1 if b1 is not None else out, wc, sw2, b2 if b2 is not None else out,
+        wb, sw1, b1 if b1 is not None else out, wc, sw2, b2 if b2 is not None else out, xq_s, sx_s,
         m, n, k, per_split, split, w.shape[0] if grouped else 0,
         w.shape[-2], w1.shape[-2] if more else 0,
         x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
@@ -548,6 +581,7 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
         GROUPED=grouped and not row_ids, E_POW2=next_power_of_2(w.shape[0] + 1) if grouped else 1,
         ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more), W_TMA=tma,
+        X_PRE=pre, KB_PRE=kb_pre if pre else 1,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -562,6 +596,11 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
 # against the pointer loads), and through pointers otherwise: the same sums either way.
 # TMA_EAGER = True takes descriptors on eager launches too (the GPU tests).
 TMA_EAGER = False
+
+# bf16 activations of a dense gemv (dynamic scales) are quantized once per program, before
+# the K loop, into a scratch the loop reads as fp8 input (see _gemv_kernel); False quantizes
+# each K block inside the loop.
+PRE_QUANT = True
 
 
 def _tma_launch() -> bool:

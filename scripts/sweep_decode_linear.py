@@ -1,0 +1,71 @@
+"""The gemv's linear configs (bf16 activations quantized in the kernel: what a compiled decode
+graph's fp8fx.linear_cat runs) timed in context: Llama-3-8B's four M = 1 linears, each behind
+a bf16 producer kernel, over 2 layers' weights, in a CUDA graph (bench gemm's layer chain).
+For one linear at a time every gemv config x split-K factor (no PDL: a model's neighbours
+are not PDL launches) replaces the table's, the others keep theirs; prints us per layer,
+best first, and the table's own.
+
+    python scripts/sweep_decode_linear.py [--rep 20] [--top 5]
+"""
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from fp8fx import reference
+from fp8fx.kernels import dispatch
+from fp8fx.kernels.bench import _CHAIN_SHAPES, _bench, _gemv_splits
+from fp8fx.kernels.block_gemm import num_sms
+from fp8fx.kernels.gemv import CONFIGS, gemv
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rep", type=int, default=20)
+    parser.add_argument("--top", type=int, default=5)
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    sms = num_sms(dev)
+    layers = []
+    for _ in range(2):
+        lay = []
+        for n, k in _CHAIN_SHAPES:
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+            wq, ws = reference.quantize_weight(w, (128, 128), "float32")
+            lay.append(dict(wq=wq, ws=ws, x=torch.randn(1, k, device=dev, dtype=torch.bfloat16)))
+        layers.append(lay)
+    table = {(n, k): dispatch.gemv_config(1, n, k, False) for n, k in _CHAIN_SHAPES}
+
+    def chain(cfgs):
+        state = {"i": 0}
+
+        def fn():
+            state["i"] ^= 1
+            for d in layers[state["i"]]:
+                gemv(d["x"] * 1, None, d["wq"], d["ws"], None, config=cfgs[tuple(d["wq"].shape)])
+
+        return fn
+
+    print(f"table configs: {dict((key, str(c)) for key, c in table.items())}")
+    print(f"table, as is: {_bench(chain(table), args.rep) * 1e3:.1f} us/layer")
+    no_pdl = {key: replace(c, pdl=False) for key, c in table.items()}
+    print(f"table, no PDL: {_bench(chain(no_pdl), args.rep) * 1e3:.1f} us/layer", flush=True)
+    for n, k in _CHAIN_SHAPES:
+        results = []
+        for cfg in CONFIGS:
+            for split in _gemv_splits(1, n, k, cfg, sms):
+                c = replace(cfg, split_k=split)
+                try:
+                    t = _bench(chain({**no_pdl, (n, k): c}), args.rep) * 1e3
+                except Exception as e:  # a config the shape cannot take
+                    print(f"  {c}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                results.append((t, str(c)))
+        results.sort()
+        print(f"1 x {n} x {k}: table (no PDL) {no_pdl[(n, k)]}; best: "
+              + ", ".join(f"{name} {t:.1f}" for t, name in results[:args.top]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
