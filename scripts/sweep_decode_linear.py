@@ -13,9 +13,8 @@ from dataclasses import replace
 
 import torch
 
-from fp8fx import reference
 from fp8fx.kernels import dispatch
-from fp8fx.kernels.bench import _CHAIN_SHAPES, _bench, _gemv_splits
+from fp8fx.kernels.bench import _CHAIN_SHAPES, _bench, _gemv_splits, chain_layers
 from fp8fx.kernels.block_gemm import num_sms
 from fp8fx.kernels.gemv import CONFIGS, gemv
 
@@ -25,16 +24,8 @@ def main():
     parser.add_argument("--rep", type=int, default=20)
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
-    dev = torch.device("cuda")
-    sms = num_sms(dev)
-    layers = []
-    for _ in range(2):
-        lay = []
-        for n, k in _CHAIN_SHAPES:
-            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-            wq, ws = reference.quantize_weight(w, (128, 128), "float32")
-            lay.append(dict(wq=wq, ws=ws, x=torch.randn(1, k, device=dev, dtype=torch.bfloat16)))
-        layers.append(lay)
+    sms = num_sms(torch.device("cuda"))
+    layers = chain_layers()
     table = {(n, k): dispatch.gemv_config(1, n, k, False) for n, k in _CHAIN_SHAPES}
 
     def chain(cfgs):

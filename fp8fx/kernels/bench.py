@@ -496,6 +496,23 @@ def _small_m_table(rows: list[dict]) -> str:
 _CHAIN_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K)
 
 
+def chain_layers() -> list[list[dict]]:
+    """The layer chain's operands: 2 layers x _CHAIN_SHAPES of bf16 weight w, its fp8 wq / ws
+    (fp32 scales) and a one-token bf16 input x."""
+    from fp8fx import reference
+
+    dev = torch.device(_DEVICE)
+    layers = []
+    for _ in range(2):
+        lay = []
+        for n, k in _CHAIN_SHAPES:
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+            wq, ws = reference.quantize_weight(w, (128, 128), "float32")
+            lay.append(dict(w=w, wq=wq, ws=ws, x=torch.randn(1, k, device=dev, dtype=torch.bfloat16)))
+        layers.append(lay)
+    return layers
+
+
 def _layer_chain(rep_ms: int, cfgs: dict) -> str:
     """Llama-3-8B decode linears at M = 1, each behind a producer kernel, as a layer runs them
     in a CUDA graph: qkv, o, gate_up (K = 4096), down (K = 14336), over 2 layers' weights
@@ -504,21 +521,11 @@ def _layer_chain(rep_ms: int, cfgs: dict) -> str:
     then the GEMM alone). Time per layer."""
     import torch.nn.functional as F
 
-    from fp8fx import reference
     from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels.block_gemm import block_gemm
     from fp8fx.kernels.gemv import gemv
 
-    dev = torch.device(_DEVICE)
-    shapes = _CHAIN_SHAPES
-    layers = []
-    for i in range(2):
-        lay = []
-        for n, k in shapes:
-            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-            wq, ws = reference.quantize_weight(w, (128, 128), "float32")
-            lay.append(dict(w=w, wq=wq, ws=ws, x=torch.randn(1, k, device=dev, dtype=torch.bfloat16)))
-        layers.append(lay)
+    layers = chain_layers()
 
     def run(step):
         state = {"i": 0}
