@@ -3,7 +3,7 @@
     tokens [T, H], top_k_index [T, k], top_k_weights [T, k]
       sort the T*k (token, expert) pairs by expert -> x [S, H], offs [E] (device tensors)
       h = fp8fx::grouped_linear(x, gate_up_proj)  -> gate(h) -> fp8fx::grouped_linear(.., down_proj)
-      unsort (gather), weight by routing, sum over k -> [T, H]
+      weight by routing, unsort (a gather), sum over k -> [T, H]
 
 No host synchronisation: counts come from histc, offsets from cumsum, and out-of-range
 expert ids trip a device-side assert instead of an ``.item()`` check. Up to
