@@ -211,53 +211,51 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return y.reshape(*lead, n)
 
 
-def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype):
-    """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when dispatch.cat_takes_gemv (decode)
-    and the weights fit one launch; otherwise block_gemm per weight."""
+def _cat_rows(x, qweights, biases, block_size, out_dtype, **route) -> int:
+    """Rows M of x[..., K] when the GEMMs of x with ``qweights`` run as one gemv_cat launch
+    (128 x 128 blocks, at most MAX_CAT weights, all or no biases, and dispatch.cat_takes_gemv
+    at M, with ``route``: static_act / fused_quant), else 0."""
     from fp8fx.kernels import dispatch
-    from fp8fx.kernels.gemv import MAX_CAT, gemv_cat
+    from fp8fx.kernels.gemv import MAX_CAT
+
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    ok = (
+        list(block_size) == _BLOCK and m > 0 and len(qweights) <= MAX_CAT and len({b is None for b in biases}) == 1
+        and dispatch.cat_takes_gemv(m, tuple(w.shape[0] for w in qweights), k, out_dtype, x.device, **route)
+    )
+    return m if ok else 0
+
+
+def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype):
+    """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the weights fit one (_cat_rows,
+    decode); otherwise block_gemm per weight."""
+    from fp8fx.kernels.gemv import gemv_cat
 
     _check_cuda(xq, xs, *qweights, *wscales, *biases)
-    k = xq.shape[-1]
-    lead = xq.shape[:-1]
-    m = xq.numel() // k if k else 0
-    ns = tuple(w.shape[0] for w in qweights)
-    n = sum(ns)
     static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
-    one_launch = (
-        list(block_size) == _BLOCK and m > 0 and len(qweights) <= MAX_CAT and len({b is None for b in biases}) == 1
-        and dispatch.cat_takes_gemv(m, ns, k, out_dtype, xq.device, static_act=static)
-    )
-    if not one_launch:
+    m = _cat_rows(xq, qweights, biases, block_size, out_dtype, static_act=static)
+    if not m:
         return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
                           for w, s, b in zip(qweights, wscales, biases)], -1)
-    y = gemv_cat(xq.reshape(m, k), xs if static else xs.reshape(m, -1), qweights, wscales, biases, out_dtype)
-    return y.reshape(*lead, n)
+    y = gemv_cat(xq.reshape(m, -1), xs if static else xs.reshape(m, -1), qweights, wscales, biases, out_dtype)
+    return y.reshape(*xq.shape[:-1], -1)
 
 
 def linear_cat_cuda(x, qweights, wscales, biases, block_size):
-    """CUDA fp8fx::linear_cat: one gemv_cat launch quantizing x in the kernel when
-    dispatch.cat_takes_gemv on the linear route (decode) and the weights fit one launch;
-    otherwise linear per weight."""
+    """CUDA fp8fx::linear_cat: one gemv_cat launch quantizing x in the kernel when the weights
+    fit one on the linear route (_cat_rows, decode); otherwise linear per weight (which
+    refuses K not a multiple of 16 with its own error)."""
     from fp8fx import reference
-    from fp8fx.kernels import dispatch
-    from fp8fx.kernels.gemv import MAX_CAT, gemv_cat
+    from fp8fx.kernels.gemv import gemv_cat
 
     _check_cuda(x, *qweights, *wscales, *biases)
-    k = x.shape[-1]
-    lead = x.shape[:-1]
-    m = x.numel() // k if k else 0
-    ns = tuple(w.shape[0] for w in qweights)
-    one_launch = (
-        list(block_size) == _BLOCK and m > 0 and k % 16 == 0 and len(qweights) <= MAX_CAT
-        and len({b is None for b in biases}) == 1
-        and dispatch.cat_takes_gemv(m, ns, k, x.dtype, x.device, fused_quant=True)
-    )
-    if not one_launch:
+    m = _cat_rows(x, qweights, biases, block_size, x.dtype, fused_quant=True) if x.shape[-1] % 16 == 0 else 0
+    if not m:
         return torch.cat([linear_cuda(x, w, s, b, None, block_size) for w, s, b in zip(qweights, wscales, biases)], -1)
     ue8m0 = wscales[0].dtype == reference.E8M0_DTYPE
-    y = gemv_cat(x.reshape(m, k), None, qweights, wscales, biases, x.dtype, act_ue8m0=ue8m0)
-    return y.reshape(*lead, sum(ns))
+    y = gemv_cat(x.reshape(m, -1), None, qweights, wscales, biases, x.dtype, act_ue8m0=ue8m0)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
