@@ -57,6 +57,9 @@ class Backend:
             per group of GEMMs on one input), instead of in the producer's kernel: an M = 1
             RMSNorm then needs no second (group amax) kernel and the attention output no
             quant kernel. Same fp8 codes either way.
+        fused_topk: top-k over at most 512 values per row (MoE routing) runs as fp8fx.topk,
+            one Triton launch, instead of torch.topk's select and sort kernels. Same values
+            and indices. Not FP8 work: it speeds up the routing around the FP8 experts.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -66,6 +69,7 @@ class Backend:
     freeze: bool = True
     eager_numerics: bool = True
     quant_in_gemv: bool = True
+    fused_topk: bool = True
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -87,7 +91,7 @@ class Backend:
         if self.cudagraphs is not None:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
-        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv)
+        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -143,6 +147,7 @@ def backend_with(
     freeze: bool = True,
     eager_numerics: bool = True,
     quant_in_gemv: bool = True,
+    fused_topk: bool = True,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 
@@ -151,7 +156,7 @@ def backend_with(
     """
     return Backend(
         config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics,
-        quant_in_gemv,
+        quant_in_gemv, fused_topk,
     )
 
 

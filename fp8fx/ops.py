@@ -29,6 +29,10 @@ Legend: T tokens, N out_features, K in_features, E experts.
                                         MoE experts over per-expert padded batches (decode):
                                         rows :masked_m[e] of expert e are valid, the rest of
                                         y[e] is zeros; 0 <= masked_m[e] <= M
+    fp8fx::topk(x[..., C], k) -> (values[..., k], indices[..., k] int64)
+                                        torch.topk(x, k, dim=-1): the k largest, largest
+                                        first (MoE routing; on CUDA one Triton launch for
+                                        C <= kernels.topk.MAX_COLS, k <= MAX_K)
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from torch import Tensor
 
 from fp8fx import reference
 
-__all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "linear_cat", "grouped_linear", "expert_linear", "grouped_linear_masked"]
+__all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "linear_cat", "grouped_linear", "expert_linear", "grouped_linear_masked",
+           "topk"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -387,3 +392,27 @@ def grouped_linear_masked(
 def _(x, qweight, wscale, masked_m, act_scale, block_size):
     check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size)
     return x.new_empty(x.shape[0], x.shape[1], qweight.shape[1])
+
+
+def _check_topk(x: Tensor, k: int) -> None:
+    if x.dim() == 0 or not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"fp8fx: topk needs x with a last dimension and 0 <= k <= x.shape[-1], "
+                         f"got k = {k} for shape {tuple(x.shape)}")
+
+
+@torch.library.custom_op("fp8fx::topk", mutates_args=())
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    _check_topk(x, k)
+    if x.is_cuda and _cuda("topk"):
+        from fp8fx.kernels import topk as kernel
+
+        if kernel.supports(x, k):
+            return _cuda("topk")(x, k)
+    values, indices = torch.topk(x, k, dim=-1)
+    return values, indices
+
+
+@topk.register_fake
+def _(x, k):
+    _check_topk(x, k)
+    return x.new_empty(*x.shape[:-1], k), x.new_empty(*x.shape[:-1], k, dtype=torch.int64)

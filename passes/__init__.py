@@ -4,6 +4,7 @@
     lowering.py  Inductor lowering of fp8fx.block_gemm (extern kernel choice)
     moe.py       (Dynamo graph, from the backend's weight freeze) MoE expert GEMMs on bf16
                  3-D expert weights -> fp8fx.grouped_linear on frozen fp8 constants
+    topk.py      aten.topk over short rows (MoE routing) -> fp8fx.topk (one launch on CUDA)
 
 ``PostGradPass`` is what ``fp8fx.backend`` installs as Inductor's
 ``post_grad_custom_post_pass``; its ``uuid()`` hashes these sources and the config, so the
@@ -36,25 +37,30 @@ def _sources() -> tuple[str, ...]:
 
 
 class PostGradPass(CustomGraphPass):
-    """fp8fx's post-grad pass: splits every fp8fx.linear into fusable aten act-quant + block_gemm.
+    """fp8fx's post-grad pass: splits every fp8fx.linear into fusable aten act-quant + block_gemm
+    (and gives short-row top-k its own kernel).
 
     ``config`` (a BlockFP8Config or None) enters the uuid only: the rewrite itself reads
     everything it needs (scale format, static scales) from the graph. ``quant_in_gemv``:
     decode GEMMs on the gemv route quantize their input in the kernel (passes/linear.py).
+    ``fused_topk``: top-k over short rows (MoE routing) becomes fp8fx.topk (passes/topk.py).
     """
 
-    def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True):
+    def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True):
         self.config = config
         self.quant_in_gemv = quant_in_gemv
+        self.fused_topk = fused_topk
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        from fp8fx.passes import linear
+        from fp8fx.passes import linear, topk
 
         linear.rewrite(graph, self.quant_in_gemv)
+        if self.fused_topk:
+            topk.rewrite(graph)
 
     def uuid(self) -> bytes:
         from fp8fx.kernels import dispatch
 
         # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
-        extra = f"{self.config!r} {self.quant_in_gemv} {dispatch.get_preference()}"
+        extra = f"{self.config!r} {self.quant_in_gemv} {self.fused_topk} {dispatch.get_preference()}"
         return get_hash_for_files(_sources(), extra=extra)

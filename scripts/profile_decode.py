@@ -7,7 +7,8 @@ variant, the GPU time per step summed over kernels and the top kernels (time per
 
 Each variant also gets its CUDA-graph replay time per step (bench e2e's decode timing,
 steps + 4 steps, median of 5: kernels plus the gaps between them). --ab adds fp8fx compiled with
-``quant_in_gemv=False`` (decode activation quant in the producers' kernels) in the same process.
+``quant_in_gemv=False`` (decode activation quant in the producers' kernels) and fp8fx compiled with
+``fused_topk=False`` (the router's top-k through torch.topk) in the same process.
 """
 
 import argparse
@@ -65,7 +66,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--trace", action="store_true", help="also print the last step's kernels in order")
-    parser.add_argument("--ab", action="store_true", help="also fp8fx with the decode quant in the producers")
+    parser.add_argument("--ab", action="store_true",
+                        help="also fp8fx with the decode quant in the producers, and with torch.topk")
     parser.add_argument("--no-pre-quant", action="store_true",
                         help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
@@ -79,10 +81,13 @@ def main():
              args.batch, args.steps, args.rows, args.trace)
     torch._dynamo.reset()
     fp8fx.quantize_(model)
-    variants = [(True, "fp8fx compiled")] + ([(False, "fp8fx compiled, quant in producers")] if args.ab else [])
-    for quant_in_gemv, name in variants:
+    variants = [({}, "fp8fx compiled")]
+    if args.ab:
+        variants += [({"quant_in_gemv": False}, "fp8fx compiled, quant in producers"),
+                     ({"fused_topk": False}, "fp8fx compiled, torch.topk")]
+    for options, name in variants:
         torch._dynamo.reset()
-        fp8c = torch.compile(model, backend=fp8fx.backend_with(quant_in_gemv=quant_in_gemv), dynamic=False)
+        fp8c = torch.compile(model, backend=fp8fx.backend_with(**options), dynamic=False)
         _profile(model, fp8c, f"{name}, {args.model}, {args.layers} layers, batch {args.batch}",
                  args.batch, args.steps, args.rows, args.trace)
 

@@ -155,6 +155,50 @@ def test_qwen3_moe_block_fp8_matches_eager_fp8():
     assert _rel(grouped, ref) < 0.08
 
 
+# --- the router's top-k: fp8fx::topk --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols,k", [(1, 128, 8), (16, 128, 8), (4096, 128, 8), (7, 256, 8), (3, 512, 32), (5, 60, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_kernel_vs_torch_topk(rows, cols, k, dtype):
+    from test_topk import _check, _rows
+
+    from fp8fx.kernels.topk import topk
+
+    x = _rows((rows, cols), dtype, seed=rows + cols).cuda()
+    values, indices = topk(x, k)
+    _check(values.cpu(), indices.cpu(), x.cpu(), k)
+    if rows > 3 and dtype == torch.float32:  # no ties, no NaN past row 2: torch.topk's indices
+        assert torch.equal(indices[3:], torch.topk(x[3:], k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_qwen3_moe_block_compiled_topk_same_as_torch_topk(tokens):
+    """fp8fx.backend's router top-k (fp8fx.topk) picks what torch.topk picks: the compiled
+    quantized block is bit-equal with and without the rewrite."""
+    import fp8fx
+    from torch._dynamo.utils import counters
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.02)
+    fp8fx.quantize_(block)
+    x = torch.randn(1, tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    with torch.inference_mode():
+        for fused in (True, False):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(block, backend=fp8fx.backend_with(fused_topk=fused), fullgraph=True, dynamic=False)
+            outs.append(compiled(x))
+            assert counters["fp8fx"]["topk"] == int(fused)
+    assert torch.equal(outs[0], outs[1])
+
+
 # --- masked layout: fp8fx::grouped_linear_masked -------------------------------------------
 
 

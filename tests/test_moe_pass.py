@@ -422,6 +422,7 @@ def test_grouped_mm_compiled_equals_quantized_eager():
         compiled = torch.compile(block, backend=backend, fullgraph=True, dynamic=True)
         y = compiled(x)
         assert counters["fp8fx"]["moe_grouped_mm"] == 2 and counters["stats"]["unique_graphs"] == 1
+        assert counters["fp8fx"]["topk"] == 1  # the router's top-k: fp8fx.topk, same picks
         assert torch.equal(y, eager(x))
         x2 = torch.randn(1, 5, H, dtype=BF16)
         assert torch.equal(compiled(x2), eager(x2))  # the same dynamic graph

@@ -19,6 +19,8 @@ In one process on one GPU, CUDA-graph replays (do_bench_cudagraph medians):
     layer     transformers Qwen3MoeSparseMoeBlock (128 experts, top-8, hidden 2048,
               intermediate 768): bf16 experts_implementation="grouped_mm" vs fp8fx
               (quantize_ -> experts_implementation="fp8fx"), at 1, 16, 256, 4096 tokens, ms
+    topk      the router's top-8 of 128 fp32 probabilities at the same token counts:
+              torch.topk vs fp8fx.topk (what fp8fx.backend puts in its place), us
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 CONTIGUOUS = [(4, 8192), (8, 4096)]
 MASKED = [(1, 1024), (2, 512), (4, 256)]
 NK = [(4096, 7168), (7168, 2048)]
+_TABLES = ["grouped", "masked", "small", "experts", "layer", "topk"]
 QWEN3 = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768, "tokens": [1, 16, 256, 4096]}
 
 
@@ -239,6 +242,20 @@ def _layer_rows(rep: int) -> list[dict]:
     return rows
 
 
+def _topk_rows(rep: int) -> list[dict]:
+    from fp8fx.kernels.topk import topk
+
+    rows = []
+    for tokens in QWEN3["tokens"]:
+        probs = torch.randn(tokens, QWEN3["experts"], device="cuda").softmax(-1)
+        ours, ref = topk(probs, QWEN3["top_k"]), torch.topk(probs, QWEN3["top_k"], dim=-1)
+        same = torch.equal(ours[0], ref.values) and torch.equal(ours[1], ref.indices)
+        t_torch = _ms(lambda: torch.topk(probs, QWEN3["top_k"], dim=-1), rep) * 1e3
+        t_ours = _ms(lambda: topk(probs, QWEN3["top_k"]), rep) * 1e3
+        rows.append({"tokens": tokens, "torch_us": t_torch, "fp8fx_us": t_ours, "same": same})
+    return rows
+
+
 def _print_sweep(row: dict) -> None:
     """A table row's swept configs (keys named by GemvConfig: "dot..."), best first."""
     extra = {key: v for key, v in row.items() if key.startswith("dot")}
@@ -250,14 +267,14 @@ def _print_sweep(row: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8fx bench moe", description=__doc__)
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
-    parser.add_argument("--only", choices=["grouped", "masked", "small", "experts", "layer"], action="append",
+    parser.add_argument("--only", choices=_TABLES, action="append",
                         help="run only these tables (repeatable); default: all")
     parser.add_argument("--sweep", action="store_true", help="masked, small: time every tile config too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench moe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    tables = args.only or ["grouped", "masked", "small", "experts", "layer"]
+    tables = args.only or _TABLES
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if "grouped" in tables:
         print("\n| grouped GEMM, groups x rows x N x K | bf16 _grouped_mm TF | fp8fx GEMM TF | fp8fx quant+GEMM TF | GEMM/bf16 |")
@@ -287,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for r in _layer_rows(args.rep):
             print(f"| {r['tokens']} | {r['bf16_ms']:.3f} | {r['fp8_ms']:.3f} | {r['bf16_ms'] / r['fp8_ms']:.2f} | {r['err']:.3f} |")
+    if "topk" in tables:
+        print(f"\n| router top-{QWEN3['top_k']} of {QWEN3['experts']}, tokens | torch.topk us | fp8fx.topk us | speed-up | same picks |")
+        print("|---|---|---|---|---|")
+        for r in _topk_rows(args.rep):
+            print(f"| {r['tokens']} | {r['torch_us']:.1f} | {r['fp8fx_us']:.1f} | {r['torch_us'] / r['fp8fx_us']:.2f} | {r['same']} |")
     return 0
 
 

@@ -1,0 +1,172 @@
+"""fp8fx::topk (MoE routing's top-k in one launch): the Triton kernel under TRITON_INTERPRET=1
+against torch.topk, the op on CPU, and the post-grad rewrite of aten.topk (passes/topk.py)."""
+
+import expecttest
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from conftest import INTERPRET_INNER, heavy_tailed, interpreted, run_interpreted
+from fp8fx.backend import backend_with
+from fp8fx.explain import format_graph, post_grad_backend
+
+
+@pytest.mark.skipif(INTERPRET_INNER, reason="this is the launcher")
+def test_interpreted_suite():
+    run_interpreted(__file__)
+
+
+def _rows(shape, dtype, seed):
+    """Heavy-tailed rows with ties, zeros of both signs, infinities and NaN planted."""
+    if 0 in shape:
+        return torch.empty(shape, dtype=dtype)
+    x = heavy_tailed(*shape, seed=seed)
+    flat = x.view(-1, shape[-1])
+    c = shape[-1]
+    if c >= 8:
+        flat[0, 1] = flat[0, 5] = flat[0, 0]  # a three-way tie
+        flat[0, 2], flat[0, 3] = 0.0, -0.0
+    if flat.shape[0] > 1 and c >= 4:
+        flat[1, 0], flat[1, 2], flat[1, 3] = float("inf"), float("-inf"), float("nan")
+    if flat.shape[0] > 2:
+        flat[2] = 0.0  # an all-zero row: every pick a tie
+    return x.to(dtype)
+
+
+def _check(values, indices, x, k):
+    """torch.topk's answer, up to the order among equal values (torch leaves it open; fp8fx
+    takes the lower column first): the same values bit for bit (NaN: in the same places;
+    torch may return another NaN payload than x's), the indices of x's elements."""
+    ref_v, _ = torch.topk(x, k, dim=-1)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    as_int = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    nan = values.isnan()
+    assert torch.equal(nan, ref_v.isnan())
+    assert torch.equal(values.view(as_int)[~nan], ref_v.view(as_int)[~nan])
+    assert torch.equal(torch.gather(x, -1, indices).view(as_int), values.view(as_int))  # x's own bits
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # distinct columns per row
+    # Among equal values, lower columns first.
+    same = values[..., 1:] == values[..., :-1]
+    assert (indices[..., 1:] > indices[..., :-1])[same].all()
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "shape,k",
+    [((1, 128), 8), ((7, 128), 8), ((5, 3, 60), 4), ((33, 256), 16), ((2, 512), 32), ((4, 7), 7), ((3, 1), 1),
+     ((6, 16), 0), ((0, 128), 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_torch_topk(shape, k, dtype):
+    from fp8fx.kernels.topk import topk
+
+    x = _rows(shape, dtype, seed=sum(shape) + k)
+    values, indices = topk(x, k)
+    assert values.shape == indices.shape == (*shape[:-1], k)
+    _check(values, indices, x, k)
+    if shape[0] > 3 and dtype == torch.float32:  # no ties (fp32), no NaN: the very indices of torch.topk
+        assert torch.equal(indices[3:], torch.topk(x[3:], k, dim=-1).indices)
+
+
+@interpreted
+def test_kernel_strided_rows():
+    from fp8fx.kernels.topk import topk
+
+    x = heavy_tailed(9, 200, seed=3)[:, :128]  # rows 200 apart
+    values, indices = topk(x, 8)
+    ref = torch.topk(x, 8, dim=-1)
+    assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices)
+
+
+def test_kernel_rejects_what_it_cannot_take():
+    from fp8fx.kernels.topk import MAX_COLS, MAX_K, supports, topk
+
+    with pytest.raises(ValueError, match=f"1 <= C <= {MAX_COLS}"):
+        topk(torch.randn(2, MAX_COLS + 1), 4)
+    with pytest.raises(ValueError, match=f"k <= min\\(C, {MAX_K}\\)"):
+        topk(torch.randn(2, 128), MAX_K + 1)
+    with pytest.raises(ValueError, match="got torch.int32"):
+        topk(torch.ones(2, 8, dtype=torch.int32), 2)
+    assert supports(torch.randn(1, 128), 8) and not supports(torch.randn(1, 128), 129)
+
+
+def test_op_on_cpu_is_torch_topk_and_checks_k():
+    x = heavy_tailed(4, 96, seed=5)
+    values, indices = torch.ops.fp8fx.topk(x, 6)
+    ref = torch.topk(x, 6, dim=-1)
+    assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices)
+    with pytest.raises(ValueError, match="0 <= k <= x.shape\\[-1\\], got k = 97"):
+        torch.ops.fp8fx.topk(x, 97)
+    with pytest.raises(ValueError, match="got k = -1"):
+        torch.ops.fp8fx.topk(x, -1)
+    torch.library.opcheck(torch.ops.fp8fx.topk.default, (x, 6))
+
+
+# --- the rewrite ---------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Qwen3-MoE's router: softmax in fp32, top-k, renormalized weights in the input dtype."""
+
+    def __init__(self, experts=128, top_k=8, largest=True):
+        super().__init__()
+        self.experts, self.top_k, self.largest = experts, top_k, largest
+
+    def forward(self, logits):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        w, ids = torch.topk(probs, self.top_k, dim=-1, largest=self.largest)
+        return (w / w.sum(-1, keepdim=True)).to(logits.dtype), ids
+
+
+def _post_grad(model, x, **options):
+    graphs = []
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        out = torch.compile(model, backend=post_grad_backend(backend_with(**options), graphs), fullgraph=True,
+                            dynamic=False)(x)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    return out, format_graph(graphs[0])
+
+
+class TestRewrite(expecttest.TestCase):
+    def test_router_topk(self):
+        x = heavy_tailed(3, 16, seed=1).to(torch.bfloat16)
+        (w, ids), g = _post_grad(Router(16, 4), x)
+        self.assertExpectedInline(g, """\
+in0: bf16[3, 16]
+v1: f32[3, 16] = prims.convert_element_type(in0, f32)
+v2: f32[3, 1] = aten.amax(v1, [-1], True)
+v3: f32[3, 16] = aten.sub(v1, v2)
+v4: f32[3, 16] = aten.exp(v3)
+v5: f32[3, 1] = aten.sum(v4, [-1], True)
+v6: f32[3, 16] = aten.div(v4, v5)
+v7: (f32[3, 4], i64[3, 4]) = fp8fx.topk(v6, 4)
+v8: f32[3, 4] = getitem(v7, 0)
+v9: i64[3, 4] = getitem(v7, 1)
+v10: f32[3, 1] = aten.sum(v8, [-1], True)
+v11: f32[3, 4] = aten.div(v8, v10)
+v12: bf16[3, 4] = prims.convert_element_type(v11, bf16)
+return (v12, v9)""")
+        assert counters["fp8fx"]["topk"] == 1 and counters["fp8fx"]["topk_kept"] == 0
+        ref_w, ref_ids = Router(16, 4)(x)
+        assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+    def test_left_to_aten(self):
+        x = heavy_tailed(3, 600, seed=2)
+        for model, why in ((Router(600, 4), "600 columns"), (Router(16, 4, largest=False), "smallest")):
+            xi = x[:, : model.experts]
+            (w, ids), g = _post_grad(model, xi)
+            assert "aten.topk" in g and "fp8fx.topk" not in g, why
+            assert counters["fp8fx"]["topk_kept"] == 1 and counters["fp8fx"]["topk"] == 0, why
+            assert torch.equal(ids, model(xi)[1])
+        _, g = _post_grad(Router(16, 4), x[:, :16], fused_topk=False)
+        assert "aten.topk" in g and not counters["fp8fx"]["topk_kept"]
+
+
+def test_uuid_includes_fused_topk():
+    from fp8fx.passes import PostGradPass
+
+    assert PostGradPass().uuid() != PostGradPass(fused_topk=False).uuid()
