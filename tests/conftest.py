@@ -20,6 +20,40 @@ def heavy_tailed(*shape, dtype=torch.float32, seed=0, outliers=True):
     return x.to(dtype)
 
 
+def topk_rows(shape, dtype, seed):
+    """Heavy-tailed rows with ties, zeros of both signs, infinities and NaN planted."""
+    if 0 in shape:
+        return torch.empty(shape, dtype=dtype)
+    x = heavy_tailed(*shape, seed=seed)
+    flat = x.view(-1, shape[-1])
+    c = shape[-1]
+    if c >= 8:
+        flat[0, 1] = flat[0, 5] = flat[0, 0]  # a three-way tie
+        flat[0, 2], flat[0, 3] = 0.0, -0.0
+    if flat.shape[0] > 1 and c >= 4:
+        flat[1, 0], flat[1, 2], flat[1, 3] = float("inf"), float("-inf"), float("nan")
+    if flat.shape[0] > 2:
+        flat[2] = 0.0  # an all-zero row: every pick a tie
+    return x.to(dtype)
+
+
+def check_topk(values, indices, x, k):
+    """torch.topk's answer, up to the order among equal values (torch leaves it open; fp8fx
+    takes the lower column first): the same values bit for bit (NaN: in the same places;
+    torch may return another NaN payload than x's), the indices of x's elements."""
+    ref_v, _ = torch.topk(x, k, dim=-1)
+    assert values.dtype == x.dtype and indices.dtype == torch.int64
+    as_int = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    nan = values.isnan()
+    assert torch.equal(nan, ref_v.isnan())
+    assert torch.equal(values.view(as_int)[~nan], ref_v.view(as_int)[~nan])
+    assert torch.equal(torch.gather(x, -1, indices).view(as_int), values.view(as_int))  # x's own bits
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # distinct columns per row
+    # Among equal values, lower columns first.
+    same = values[..., 1:] == values[..., :-1]
+    assert (indices[..., 1:] > indices[..., :-1])[same].all()
+
+
 @pytest.fixture
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM

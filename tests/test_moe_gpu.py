@@ -161,13 +161,13 @@ def test_qwen3_moe_block_fp8_matches_eager_fp8():
 @pytest.mark.parametrize("rows,cols,k", [(1, 128, 8), (16, 128, 8), (4096, 128, 8), (7, 256, 8), (3, 512, 32), (5, 60, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_kernel_vs_torch_topk(rows, cols, k, dtype):
-    from test_topk import _check, _rows
+    from conftest import check_topk, topk_rows
 
     from fp8fx.kernels.topk import topk
 
-    x = _rows((rows, cols), dtype, seed=rows + cols).cuda()
+    x = topk_rows((rows, cols), dtype, seed=rows + cols).cuda()
     values, indices = topk(x, k)
-    _check(values.cpu(), indices.cpu(), x.cpu(), k)
+    check_topk(values.cpu(), indices.cpu(), x.cpu(), k)
     if rows > 3 and dtype == torch.float32:  # no ties, no NaN past row 2: torch.topk's indices
         assert torch.equal(indices[3:], torch.topk(x[3:], k, dim=-1).indices)
 

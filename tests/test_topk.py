@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import INTERPRET_INNER, heavy_tailed, interpreted, run_interpreted
+from conftest import INTERPRET_INNER, check_topk, heavy_tailed, interpreted, run_interpreted, topk_rows
 from fp8fx.backend import backend_with
 from fp8fx.explain import format_graph, post_grad_backend
 
@@ -15,40 +15,6 @@ from fp8fx.explain import format_graph, post_grad_backend
 @pytest.mark.skipif(INTERPRET_INNER, reason="this is the launcher")
 def test_interpreted_suite():
     run_interpreted(__file__)
-
-
-def _rows(shape, dtype, seed):
-    """Heavy-tailed rows with ties, zeros of both signs, infinities and NaN planted."""
-    if 0 in shape:
-        return torch.empty(shape, dtype=dtype)
-    x = heavy_tailed(*shape, seed=seed)
-    flat = x.view(-1, shape[-1])
-    c = shape[-1]
-    if c >= 8:
-        flat[0, 1] = flat[0, 5] = flat[0, 0]  # a three-way tie
-        flat[0, 2], flat[0, 3] = 0.0, -0.0
-    if flat.shape[0] > 1 and c >= 4:
-        flat[1, 0], flat[1, 2], flat[1, 3] = float("inf"), float("-inf"), float("nan")
-    if flat.shape[0] > 2:
-        flat[2] = 0.0  # an all-zero row: every pick a tie
-    return x.to(dtype)
-
-
-def _check(values, indices, x, k):
-    """torch.topk's answer, up to the order among equal values (torch leaves it open; fp8fx
-    takes the lower column first): the same values bit for bit (NaN: in the same places;
-    torch may return another NaN payload than x's), the indices of x's elements."""
-    ref_v, _ = torch.topk(x, k, dim=-1)
-    assert values.dtype == x.dtype and indices.dtype == torch.int64
-    as_int = {2: torch.int16, 4: torch.int32}[x.element_size()]
-    nan = values.isnan()
-    assert torch.equal(nan, ref_v.isnan())
-    assert torch.equal(values.view(as_int)[~nan], ref_v.view(as_int)[~nan])
-    assert torch.equal(torch.gather(x, -1, indices).view(as_int), values.view(as_int))  # x's own bits
-    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # distinct columns per row
-    # Among equal values, lower columns first.
-    same = values[..., 1:] == values[..., :-1]
-    assert (indices[..., 1:] > indices[..., :-1])[same].all()
 
 
 @interpreted
@@ -61,10 +27,10 @@ def _check(values, indices, x, k):
 def test_kernel_matches_torch_topk(shape, k, dtype):
     from fp8fx.kernels.topk import topk
 
-    x = _rows(shape, dtype, seed=sum(shape) + k)
+    x = topk_rows(shape, dtype, seed=sum(shape) + k)
     values, indices = topk(x, k)
     assert values.shape == indices.shape == (*shape[:-1], k)
-    _check(values, indices, x, k)
+    check_topk(values, indices, x, k)
     if shape[0] > 3 and dtype == torch.float32:  # no ties (fp32), no NaN: the very indices of torch.topk
         assert torch.equal(indices[3:], torch.topk(x[3:], k, dim=-1).indices)
 
