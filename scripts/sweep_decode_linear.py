@@ -3,7 +3,7 @@ graph's fp8fx.linear_cat runs) timed in context: Llama-3-8B's four M = 1 linears
 a bf16 producer kernel, over 2 layers' weights, in a CUDA graph (bench gemm's layer chain).
 For one linear at a time every gemv config x split-K factor (no PDL: a model's neighbours
 are not PDL launches) replaces the table's, the others keep theirs; prints us per layer,
-best first, and the table's own.
+best first, and the table's own; then the four winners together, without and with PDL.
 
     python scripts/sweep_decode_linear.py [--rep 20] [--top 5]
 """
@@ -42,6 +42,7 @@ def main():
     print(f"table, as is: {_bench(chain(table), args.rep) * 1e3:.1f} us/layer")
     no_pdl = {key: replace(c, pdl=False) for key, c in table.items()}
     print(f"table, no PDL: {_bench(chain(no_pdl), args.rep) * 1e3:.1f} us/layer", flush=True)
+    best = {}
     for n, k in _CHAIN_SHAPES:
         results = []
         for cfg in CONFIGS:
@@ -52,10 +53,17 @@ def main():
                 except Exception as e:  # a config the shape cannot take
                     print(f"  {c}: {type(e).__name__}: {str(e)[:120]}")
                     continue
-                results.append((t, str(c)))
-        results.sort()
+                results.append((t, str(c), c))
+        results.sort(key=lambda r: r[0])
+        best[(n, k)] = results[0][2]
         print(f"1 x {n} x {k}: table (no PDL) {no_pdl[(n, k)]}; best: "
-              + ", ".join(f"{name} {t:.1f}" for t, name in results[:args.top]), flush=True)
+              + ", ".join(f"{name} {t:.1f}" for t, name, _ in results[:args.top]), flush=True)
+    # The four winners together (each was timed with the table's configs around it), then
+    # with PDL; the table again in between, for the run-to-run drift.
+    with_pdl = {key: replace(c, pdl=True) for key, c in best.items()}
+    print(f"best of each together: {dict((key, str(c)) for key, c in best.items())}")
+    for cfgs, label in ((best, "best of each, no PDL"), (table, "table, as is"), (with_pdl, "best of each, PDL")):
+        print(f"{label}: {_bench(chain(cfgs), args.rep) * 1e3:.1f} us/layer", flush=True)
 
 
 if __name__ == "__main__":
