@@ -3,7 +3,8 @@
 In one process on one GPU, CUDA-graph replays (do_bench_cudagraph medians):
     grouped   fp8fx grouped GEMM (fp8 activations + scales, contiguous layout) vs bf16
               torch._grouped_mm, on shared/bench/shapes.json's DeepSeek-V3 contiguous expert
-              shapes (groups x rows per group, N, K), TFLOP/s
+              shapes (groups x rows per group, N, K), TFLOP/s; ``--sweep`` adds GROUPED_SWEEP's
+              tile configs (GEMM alone)
     masked    fp8fx masked grouped GEMM (per-expert padded batches, counts on the device) vs
               bf16 torch.bmm over the padded batches, on shapes.json's DeepSeek-V3 masked
               shapes (every row valid) and on decode batches (capacity 64 or 16, random
@@ -44,7 +45,13 @@ def _ms(fn, rep: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
-def _grouped_row(groups: int, rows: int, n: int, k: int, rep: int) -> dict:
+# --sweep, grouped: tile configs (BLOCK_M, BLOCK_N, warps, stages, GROUP_M) timed on the
+# GEMM alone next to config_for's choice.
+GROUPED_SWEEP = [(128, 128, 8, 3, 8), (128, 128, 8, 5, 8), (128, 128, 8, 4, 4), (128, 128, 8, 4, 16),
+                 (128, 64, 4, 4, 8), (64, 128, 4, 4, 8), (64, 128, 4, 5, 8), (128, 128, 4, 4, 8)]
+
+
+def _grouped_row(groups: int, rows: int, n: int, k: int, rep: int, sweep: bool = False) -> dict:
     from fp8fx import reference
     from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels.grouped_gemm import config_for, grouped_gemm
@@ -61,8 +68,13 @@ def _grouped_row(groups: int, rows: int, n: int, k: int, rep: int) -> dict:
     bf16 = _ms(lambda: torch._grouped_mm(x, wt, offs=offs), rep)
     fp8 = _ms(lambda: grouped_gemm(xq, xs, q, s, offs, torch.bfloat16, bm, 128, warps, stages), rep)
     lin = _ms(lambda: torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128]), rep)
-    return {"shape": f"{groups} x {rows} x {n} x {k}", "bf16": flops / bf16 / 1e9, "fp8": flops / fp8 / 1e9,
-            "lin": flops / lin / 1e9}
+    row = {"shape": f"{groups} x {rows} x {n} x {k}", "bf16": flops / bf16 / 1e9, "fp8": flops / fp8 / 1e9,
+           "lin": flops / lin / 1e9, "config": (bm, 128, warps, stages, 8), "sweep": {}}
+    for cfg in GROUPED_SWEEP if sweep else []:
+        bm_, bn_, w_, s_, g_ = cfg
+        t_ms = _ms(lambda: grouped_gemm(xq, xs, q, s, offs, torch.bfloat16, bm_, bn_, w_, s_, g_), rep)
+        row["sweep"][cfg] = flops / t_ms / 1e9
+    return row
 
 
 # Decode batches for the masked layout (not in shapes.json): (experts, capacity M), counts
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep", type=int, default=50, help="ms of replays per measurement")
     parser.add_argument("--only", choices=_TABLES, action="append",
                         help="run only these tables (repeatable); default: all")
-    parser.add_argument("--sweep", action="store_true", help="masked, small: time every tile config too")
+    parser.add_argument("--sweep", action="store_true", help="grouped, masked, small: time every tile config too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench moe: needs a CUDA GPU", file=sys.stderr)
@@ -281,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for groups, rows in CONTIGUOUS + MASKED:  # masked shapes too, here in the contiguous layout
             for n, k in NK:
-                r = _grouped_row(groups, rows, n, k, args.rep)
+                r = _grouped_row(groups, rows, n, k, args.rep, args.sweep)
                 print(f"| {r['shape']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['lin']:.0f} | {r['fp8'] / r['bf16']:.2f} |")
+                if r["sweep"]:
+                    print(f"|   sweep (BM, BN, warps, stages, GROUP_M) TF, config_for's {r['config']}: "
+                          + ", ".join(f"{c} {tf:.0f}" for c, tf in sorted(r["sweep"].items(), key=lambda i: -i[1])) + " |")
     if "masked" in tables:
         _masked_table(args.rep, args.sweep)
     if "small" in tables:
