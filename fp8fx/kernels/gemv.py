@@ -219,35 +219,28 @@ def _gemv_kernel(
         g = tl.minimum(tl.maximum(tl.load(offs_ptr + pid_m).to(tl.int32), 0), E - 1)
         row0 = pid_m
         row_end = pid_m + 1
-        tok = row0 + cols // (COLS // BLOCK_M)
-        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
-        if W_TMA:  # one descriptor over the [E * N, K] rows: expert g's start at g * N
-            w_row0 = g * N
-        else:
-            w_ptr += g.to(tl.int64) * stride_we
-        sw_ptr += g.to(tl.int64) * stride_swe
     elif GROUPED:
         # Rows sorted by expert (grouped_gemv): this row tile's expert g and rows row0:row_end.
         g, row0, row_end = expert_tile(offs_ptr, pid_m, M, E, E_POW2, BLOCK_M)
         if g > E:  # past the last tile
             return
-        tok = row0 + cols // (COLS // BLOCK_M)
-        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
+    else:
+        row0 = pid_m * BLOCK_M
+        row_end = M
+    tok = row0 + cols // (COLS // BLOCK_M)
+    col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < row_end)
+    if GROUPED:
         if g == E:  # rows no expert owns: zeros, stored by the first split
             if pid_k == 0:
                 _store_tile(tl.zeros((BLOCK_N, COLS), dtype=tl.float32), tok, col_ok, offs_n, n_ok,
                             bias_ptr, y_ptr, stride_ym, False)
             return
+    if ROW_IDS or GROUPED:  # expert g's weights and scales
         if W_TMA:  # one descriptor over the [E * N, K] rows: expert g's start at g * N
             w_row0 = g * N
         else:
             w_ptr += g.to(tl.int64) * stride_we
         sw_ptr += g.to(tl.int64) * stride_swe
-    else:
-        row0 = pid_m * BLOCK_M
-        row_end = M
-        tok = row0 + cols // (COLS // BLOCK_M)
-        col_ok = (cols % (COLS // BLOCK_M) == 0) & (tok < M)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < row_end
     # Weight rows past N are clamped to row 0 (in bounds, never stored): only K is masked.
