@@ -1,0 +1,116 @@
+"""Where a compiled prefill's GPU sits idle: one profiled call (1 x 2048 tokens, ``dynamic=True``
+as ``bench e2e`` compiles it) of a Llama-3-8B-dimension model with few layers, bf16 compiled
+vs fp8fx compiled. Per variant: kernels, busy and idle GPU time between the first and last
+kernel, and the largest idle gaps with the kernels around them and whether the host launched
+the next kernel late (its launch call started after the previous kernel had ended: the GPU
+waited for the host) or early (the GPU itself was slow to start it).
+
+Before the profile, three timings of the same call (medians of 10): the CUDA-graph replay
+(GPU time alone), "as called" (CUDA events around the call, as ``bench e2e`` times it) and
+"queued": the call issued behind a 50 ms GPU sleep, so that every kernel is queued before
+the GPU reaches the first; events around the model's kernels then give GPU time in a stream
+without waiting for the host. as called - queued is the host's share of the as-called time.
+
+    python scripts/prefill_gaps.py [--layers 4] [--top 12]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fp8fx
+from fp8fx.bench_e2e import _graph_ms, _median_ms, _model
+
+
+def _queued_ms(fn, repeats=10):
+    """(GPU ms of fn's kernels when all are queued before the first runs, host ms to issue them)."""
+    gpu, host = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz: the host issues everything meanwhile
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(gpu), statistics.median(host)
+
+
+def _timings(fn, label):
+    with torch.inference_mode():
+        graph = _graph_ms(fn, 10)
+        called = _median_ms(fn, 10)
+        queued, host = _queued_ms(fn)
+    print(f"\n{label}: graph replay {graph:.2f} ms, as called {called:.2f} ms, queued {queued:.2f} ms, "
+          f"host issue {host:.2f} ms")
+
+
+def _events(fn):
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    kernels, launches = [], {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            if e.name().startswith("Memset") or e.name().startswith("Memcpy"):
+                continue
+            kernels.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.correlation_id()))
+        elif e.name() in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"):
+            launches[e.correlation_id()] = e.start_ns()
+    kernels.sort()
+    return kernels, launches
+
+
+def _report(label, kernels, launches, top):
+    busy = sum(end - start for start, end, _, _ in kernels)
+    span = kernels[-1][1] - kernels[0][0]
+    gaps = []
+    for (s0, e0, n0, _), (s1, e1, n1, c1) in zip(kernels, kernels[1:]):
+        gap = s1 - max(e0, s0)
+        if gap > 0:
+            late = launches.get(c1, 0) > e0  # the host called the launch after the GPU went idle
+            gaps.append((gap, n0, n1, late))
+    idle = sum(g for g, *_ in gaps)
+    late_ns = sum(g for g, _, _, late in gaps if late)
+    print(f"\n=== {label}: {len(kernels)} kernels, span {span / 1e6:.2f} ms, busy {busy / 1e6:.2f} ms, "
+          f"idle {idle / 1e6:.2f} ms in {len(gaps)} gaps ({late_ns / 1e6:.2f} ms where the host launched late)")
+    by_next = {}
+    for g, _, n1, _ in gaps:
+        key = n1[:60]
+        by_next[key] = by_next.get(key, 0) + g
+    print("idle time before each kernel kind (top):")
+    for name, g in sorted(by_next.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {g / 1e3:9.1f} us  {name}")
+    print("largest gaps:")
+    for g, n0, n1, late in sorted(gaps, reverse=True)[:top]:
+        print(f"  {g / 1e3:8.1f} us {'host late' if late else 'gpu     '}  {n0[:45]} -> {n1[:45]}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args()
+    model = _model(args.layers)
+    ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+    bf16c = torch.compile(model, dynamic=True)
+    _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")
+    _report("bf16 compiled", *_events(lambda: bf16c(input_ids=ids, use_cache=False)), args.top)
+    torch._dynamo.reset()
+    fp8fx.quantize_(model)
+    fp8c = torch.compile(model, backend=fp8fx.backend, dynamic=True)
+    _timings(lambda: fp8c(input_ids=ids, use_cache=False), "fp8fx compiled")
+    _report("fp8fx compiled", *_events(lambda: fp8c(input_ids=ids, use_cache=False)), args.top)
+
+
+if __name__ == "__main__":
+    main()
