@@ -60,6 +60,12 @@ class Backend:
         fused_topk: top-k over at most 512 values per row (MoE routing) runs as fp8fx.topk,
             one Triton launch, instead of torch.topk's select and sort kernels. Same values
             and indices. Not FP8 work: it speeds up the routing around the FP8 experts.
+        fused_norm: transformers' RMSNorm (with the residual add before it) feeding a
+            quantization runs as fp8fx.rms_norm_quant, one Triton pass per row that writes
+            the fp8 codes, instead of Inductor's RMSNorm kernel plus a group-amax kernel
+            reading its output back (prefill; decode's gemv quantizes in the GEMM). None:
+            on CUDA graphs; True: on every device (the CPU runs the reference); False (the
+            default for now): off. It saves GPU time but costs host time per call.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -70,6 +76,7 @@ class Backend:
     eager_numerics: bool = True
     quant_in_gemv: bool = True
     fused_topk: bool = True
+    fused_norm: Optional[bool] = False
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -91,7 +98,7 @@ class Backend:
         if self.cudagraphs is not None:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
-        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk)
+        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk, self.fused_norm)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -148,6 +155,7 @@ def backend_with(
     eager_numerics: bool = True,
     quant_in_gemv: bool = True,
     fused_topk: bool = True,
+    fused_norm: Optional[bool] = False,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 
@@ -156,7 +164,7 @@ def backend_with(
     """
     return Backend(
         config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics,
-        quant_in_gemv, fused_topk,
+        quant_in_gemv, fused_topk, fused_norm,
     )
 
 

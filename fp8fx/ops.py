@@ -29,6 +29,12 @@ Legend: T tokens, N out_features, K in_features, E experts.
                                         MoE experts over per-expert padded batches (decode):
                                         rows :masked_m[e] of expert e are valid, the rest of
                                         y[e] is zeros; 0 <= masked_m[e] <= M
+    fp8fx::rms_norm_quant(x[..., K], residual[..., K]?, weight[K], eps_tensor[]?, eps, ue8m0)
+        -> (q[..., K] fp8, s[..., K / 128] fp32, h[..., K])
+                                        h = x (+ residual); transformers' RMSNorm of h,
+                                        quantized per 1 x 128 group; s column-major over the
+                                        rows; h empty without a residual (on CUDA one
+                                        Triton launch, kernels.norm_quant)
     fp8fx::topk(x[..., C], k) -> (values[..., k], indices[..., k] int64)
                                         torch.topk(x, k, dim=-1): the k largest, largest
                                         first (MoE routing; on CUDA one Triton launch for
@@ -46,7 +52,7 @@ from torch import Tensor
 from fp8fx import reference
 
 __all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "linear_cat", "grouped_linear", "expert_linear", "grouped_linear_masked",
-           "topk"]
+           "rms_norm_quant", "topk"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -392,6 +398,48 @@ def grouped_linear_masked(
 def _(x, qweight, wscale, masked_m, act_scale, block_size):
     check_grouped_masked_args(x, qweight, wscale, masked_m, act_scale, block_size)
     return x.new_empty(x.shape[0], x.shape[1], qweight.shape[1])
+
+
+def check_rms_norm_quant_args(x, residual, weight, eps_tensor) -> None:
+    from fp8fx.kernels.norm_quant import MAX_K
+
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() == 0:
+        raise TypeError(f"fp8fx: rms_norm_quant needs a bf16/fp16 x with a last dimension, got {x.dtype} {tuple(x.shape)}")
+    k = x.shape[-1]
+    if k % 128 or not 0 < k <= MAX_K:
+        raise ValueError(f"fp8fx: rms_norm_quant needs a hidden size that is a multiple of 128 and at most {MAX_K}, got {k}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"fp8fx: rms_norm_quant's residual must match x ({x.dtype} {tuple(x.shape)}), "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    if tuple(weight.shape) != (k,) or weight.dtype != x.dtype:
+        raise ValueError(f"fp8fx: rms_norm_quant's weight must be {x.dtype} ({k},), got {weight.dtype} {tuple(weight.shape)}")
+    if eps_tensor is not None and (eps_tensor.dim() != 0 or eps_tensor.device.type != "cpu" or not eps_tensor.is_floating_point()):
+        raise ValueError(f"fp8fx: rms_norm_quant's eps_tensor must be a 0-dim floating-point CPU tensor, got "
+                         f"{eps_tensor.dtype} {tuple(eps_tensor.shape)} on {eps_tensor.device}")
+    _check_same_device(x=x, residual=residual, weight=weight)
+
+
+@torch.library.custom_op("fp8fx::rms_norm_quant", mutates_args=())
+def rms_norm_quant(
+    x: Tensor, residual: Optional[Tensor], weight: Tensor, eps_tensor: Optional[Tensor], eps: float, ue8m0: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_rms_norm_quant_args(x, residual, weight, eps_tensor)
+    from fp8fx.kernels.norm_quant import scales_like
+
+    eps_value = float(eps_tensor) if eps_tensor is not None else eps  # a CPU scalar: no sync
+    if x.is_cuda and _cuda("rms_norm_quant"):
+        return _cuda("rms_norm_quant")(x, residual, weight, eps_value, ue8m0)
+    q, s, h = reference.rms_norm_quant(x, residual, weight, eps_value, 128, "ue8m0" if ue8m0 else "float32")
+    return q, scales_like(x).copy_(s), h if residual is not None else x.new_empty(0)
+
+
+@rms_norm_quant.register_fake
+def _(x, residual, weight, eps_tensor, eps, ue8m0):
+    check_rms_norm_quant_args(x, residual, weight, eps_tensor)
+    from fp8fx.kernels.norm_quant import scales_like
+
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=reference.FP8_DTYPE), scales_like(x), h
 
 
 def _check_topk(x: Tensor, k: int) -> None:

@@ -33,6 +33,8 @@ __all__ = [
     "quantize_act",
     "quantize_act_static",
     "dequantize_act",
+    "rms_norm",
+    "rms_norm_quant",
     "linear",
     "block_gemm",
     "block_gemm_cat",
@@ -181,6 +183,27 @@ def dequantize_act(q: torch.Tensor, s: torch.Tensor, group_size: int = 128) -> t
     if s.dim() == 0 or s.numel() == 1:
         return q.float() * s.float().reshape(())
     return q.float() * s.float().repeat_interleave(group_size, dim=-1)[..., : q.shape[-1]]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (Llama, Qwen, DeepSeek): normalized in fp32, cast back to x's
+    dtype, then scaled by weight in that dtype."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    group_size: int = 128,
+    scale_fmt: str = "float32",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x (+ residual); (q, s) = quantize_act(rms_norm(h, weight, eps)) -> (q, s, h)."""
+    h = x if residual is None else x + residual
+    q, s = quantize_act(rms_norm(h, weight, eps), group_size, scale_fmt)
+    return q, s, h
 
 
 def _scale_fmt_of(wscale: torch.Tensor) -> str:

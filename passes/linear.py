@@ -11,7 +11,9 @@
                     the group amax in its own kernel, and the attention output has no
                     Inductor producer: each would need a quant kernel of its own);
                     with quant_in_gemv=False, block_gemm_cat on the codes (two or more GEMMs)
-    (4) decompose:  act_quant -> the aten ops below
+    (4) fuse norms: transformers' RMSNorm (after a residual add or not) feeding an act_quant
+                    -> one fp8fx.rms_norm_quant (passes/norm_quant.py; CUDA graphs by default)
+    (5) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
     s    = clamp(amax, 1e-12) / 448                   # UE8M0: 2 ** ceil(log2(s)), bit exact
@@ -279,12 +281,17 @@ def decompose_patterns() -> PatternMatcherPass:
     return pass_dict
 
 
-def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
+def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tuple[str, ...] = ()) -> None:
     """The whole linear rewrite: split, share quantizations of one input, group the decode
-    GEMMs of one input (quantizing in the gemv: ``group_gemms``), decompose the quantizations
-    left."""
+    GEMMs of one input (quantizing in the gemv: ``group_gemms``), fuse RMSNorms into the
+    quantizations they feed on ``norm_devices`` (passes/norm_quant.py), decompose the
+    quantizations left."""
     split_linear(graph)
     share_act_quant(graph)
     group_gemms(graph, quant_in_gemv)
+    if norm_devices:
+        from fp8fx.passes import norm_quant
+
+        norm_quant.rewrite(graph, norm_devices)
     decompose_patterns().apply(graph)
     graph.eliminate_dead_code()

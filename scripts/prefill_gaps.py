@@ -11,7 +11,10 @@ Before the profile, three timings of the same call (medians of 10): the CUDA-gra
 the GPU reaches the first; events around the model's kernels then give GPU time in a stream
 without waiting for the host. as called - queued is the host's share of the as-called time.
 
-    python scripts/prefill_gaps.py [--layers 4] [--top 12]
+``--ab`` prints only the timings, for bf16 compiled and for fp8fx compiled with and without
+``fused_norm`` (fp8fx.rms_norm_quant for the RMSNorms that feed quantizations).
+
+    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab]
 """
 
 import argparse
@@ -48,6 +51,7 @@ def _timings(fn, label):
         queued, host = _queued_ms(fn)
     print(f"\n{label}: graph replay {graph:.2f} ms, as called {called:.2f} ms, queued {queued:.2f} ms, "
           f"host issue {host:.2f} ms")
+    return graph, called, queued
 
 
 def _events(fn):
@@ -99,9 +103,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--ab", action="store_true", help="timings only: bf16, fp8fx without and with fused_norm")
     args = parser.parse_args()
     model = _model(args.layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+    if args.ab:
+        torch._inductor.config.fx_graph_cache = False
+        rows = {"bf16 compiled": _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")
+                for bf16c in [torch.compile(model, dynamic=True)]}
+        fp8fx.quantize_(model)
+        for fused in (False, None):
+            torch._dynamo.reset()
+            fn = torch.compile(model, backend=fp8fx.backend_with(fused_norm=fused), dynamic=True)
+            label = f"fp8fx fused_norm={fused}"
+            rows[label] = _timings(lambda: fn(input_ids=ids, use_cache=False), label)
+        base = rows["bf16 compiled"]
+        print("\n| variant | graph replay ms | as called ms | queued ms | bf16 / it (graph, called, queued) |")
+        print("|---|---|---|---|---|")
+        for label, (g, c, q) in rows.items():
+            print(f"| {label} | {g:.2f} | {c:.2f} | {q:.2f} | {base[0] / g:.3f}, {base[1] / c:.3f}, {base[2] / q:.3f} |")
+        return
     bf16c = torch.compile(model, dynamic=True)
     _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")
     _report("bf16 compiled", *_events(lambda: bf16c(input_ids=ids, use_cache=False)), args.top)

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from fp8fx import reference
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
@@ -107,3 +109,45 @@ def run_interpreted(test_file: str) -> None:
 
 INTERPRET_INNER = __import__("os").environ.get("FP8FX_INTERPRET_INNER") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET_INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+# -- fp8fx::rms_norm_quant (tests/test_norm_quant.py, tests/test_backend_gpu.py) ------------
+
+
+def norm_inputs(shape, dtype, seed, residual=True, zero_rows=()):
+    """(x, residual or None, weight) for an RMSNorm over shape[-1]: heavy-tailed x with
+    outliers, the rows ``zero_rows`` zero in x and the residual."""
+    x = heavy_tailed(*shape, seed=seed, outliers=0 not in shape).to(dtype)  # Student-t with planted outliers
+    rows = x.numel() // shape[-1] if shape[-1] else 0
+    zero_rows = [i for i in zero_rows if i < rows]
+    for i in zero_rows:
+        x.view(-1, shape[-1])[i] = 0
+    r = heavy_tailed(*shape, seed=seed + 1, outliers=False).to(dtype) if residual else None
+    if r is not None:
+        for i in zero_rows:
+            r.view(-1, shape[-1])[i] = 0
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=torch.Generator().manual_seed(seed + 2))).to(dtype)
+    return x, r, w
+
+
+def check_norm_quant(q, s, h, x, r, w, eps, ue8m0):
+    """fp8fx::rms_norm_quant's outputs against reference.rms_norm_quant: h exactly; the scales and codes
+    exactly but for rows whose fp32 sum of squares (summed in another order) moved a
+    normalized value across a rounding boundary; those rows stay within fp8 resolution."""
+    q_ref, s_ref, h_ref = reference.rms_norm_quant(x, r, w, eps, 128, "ue8m0" if ue8m0 else "float32")
+    k = x.shape[-1]
+    assert q.shape == x.shape and q.dtype == reference.FP8_DTYPE and s.shape == (*x.shape[:-1], k // 128)
+    m = x.numel() // k
+    assert s.stride(-1) == m and (m <= 1 or s.reshape(m, k // 128).stride() == (1, m))  # column-major over the rows
+    if r is not None:
+        assert torch.equal(h, h_ref)
+    else:
+        assert h.numel() == 0
+    if m == 0:
+        return
+    rows_q = (q.view(torch.uint8) != q_ref.view(torch.uint8)).reshape(m, -1).any(-1)
+    rows_s = (s != s_ref).reshape(m, -1).any(-1)
+    assert (rows_q | rows_s).float().mean().item() <= 0.1, "most rows are bit-exact"
+    y = reference.rms_norm(h_ref, w, eps)
+    assert rel_err(reference.dequantize_act(q, s), y) < 0.04  # fp8 e4m3: ~2**-4 relative per value
+    assert rel_err(reference.dequantize_act(q, s), reference.dequantize_act(q_ref, s_ref)) < 0.02

@@ -276,3 +276,55 @@ def test_default_static_prefill_takes_cublas_extern():
     assert counters["fp8fx"]["block_gemm_cublas_default"] == 1
     w = model.proj.weight
     assert rel_err(y, R.linear(x, w.qdata, w.scale, None, None, (128, 128)).float() + r.float()) < 3e-3
+
+
+# -- fp8fx.rms_norm_quant: (residual add +) RMSNorm + quant in one kernel ----------------------
+
+
+@pytest.mark.parametrize(
+    "shape,residual,ue8m0,dtype",
+    [((2048, 4096), True, False, BF16), ((3, 7168), False, True, BF16), ((1, 2048), True, False, torch.float16),
+     ((5, 16384), True, False, BF16), ((2, 300, 1024), True, True, BF16)],
+)
+def test_rms_norm_quant_kernel_matches_reference(shape, residual, ue8m0, dtype):
+    from conftest import check_norm_quant, norm_inputs
+    from fp8fx.kernels.norm_quant import rms_norm_quant
+
+    x, r, w = (t.cuda() if t is not None else None for t in norm_inputs(shape, dtype, seed=sum(shape), residual=residual,
+                                                                        zero_rows=(1,)))
+    q, s, h = rms_norm_quant(x, r, w, 1e-5, ue8m0)
+    check_norm_quant(q, s, h, x, r, w, 1e-5, ue8m0)
+
+
+@pytest.mark.parametrize("fused_norm", [None, False])
+def test_prefill_layer_norms_fused(fused_norm):
+    """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): with
+    fused_norm=None (CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the post-attention one with the residual add), so
+    the only Triton kernels writing fp8 codes are SiLU * up's and the attention output's;
+    the output matches eager fp8fx."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=512, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0).to("cuda", BF16).eval().requires_grad_(False)
+    fp8fx.quantize_(layer)
+    h = heavy_tailed(1, 300, 1024, dtype=BF16, seed=5, outliers=False).cuda()
+    cos, sin = LlamaRotaryEmbedding(config, device="cuda")(h, torch.arange(300, device="cuda")[None])
+    kw = {"position_embeddings": (cos, sin), "attention_mask": None}
+    compiled = torch.compile(layer, backend=backend_with(fused_norm=fused_norm), fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        y, codes = run_and_get_code(compiled, h, **kw)
+        expect = layer(h, **kw)
+    y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
+    code = codes[0]
+    fp8_writers = [src for name, src in _kernel_sources(code).items() if "float8e4nv" in src]
+    if fused_norm is None:
+        assert code.count("torch.ops.fp8fx.rms_norm_quant.default(") == 2
+        assert counters["fp8fx"]["norm_quant"] == 2 and counters["fp8fx"]["norm_quant_residual"] == 1
+        assert not any("rsqrt" in src for src in fp8_writers)
+    else:
+        assert "rms_norm_quant" not in code and not counters["fp8fx"]["norm_quant"]
+    assert rel_err(y, expect) < 0.02

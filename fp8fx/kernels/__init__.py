@@ -7,6 +7,7 @@
     gemv.py        Triton small-M (decode) GEMM streaming the weights, activation quant fused
     grouped_gemm.py  Triton grouped (MoE) block-FP8 GEMM, contiguous layout
     grouped_masked.py  Triton grouped GEMM, masked layout (per-expert padded batches)
+    norm_quant.py  Triton (residual add +) RMSNorm + activation quant, one pass per row
     topk.py        Triton top-k over short rows (MoE routing), one launch
     dispatch.py    backend and config per shape class, from measurements
     bench.py       ``python -m fp8fx bench gemm``
@@ -290,10 +291,12 @@ def register() -> None:
     """Install the CUDA implementations into fp8fx.ops._cuda_impl (idempotent)."""
     from fp8fx import ops
     from fp8fx.kernels.grouped_masked import grouped_linear_masked_cuda
+    from fp8fx.kernels.norm_quant import rms_norm_quant
     from fp8fx.kernels.topk import topk
 
     ops._cuda_impl.update(
         linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, block_gemm_cat=block_gemm_cat_cuda,
         linear_cat=linear_cat_cuda, grouped_linear=grouped_linear_cuda,
         expert_linear=expert_linear_cuda, grouped_linear_masked=grouped_linear_masked_cuda, topk=topk,
+        rms_norm_quant=rms_norm_quant,
     )
