@@ -63,9 +63,10 @@ class Backend:
         fused_norm: transformers' RMSNorm (with the residual add before it) feeding a
             quantization runs as fp8fx.rms_norm_quant, one Triton pass per row that writes
             the fp8 codes, instead of Inductor's RMSNorm kernel plus a group-amax kernel
-            reading its output back (prefill; decode's gemv quantizes in the GEMM). None:
-            on CUDA graphs; True: on every device (the CPU runs the reference); False (the
-            default for now): off. It saves GPU time but costs host time per call.
+            reading its output back (prefill; decode's gemv quantizes in the GEMM). None (the
+            default): on CUDA graphs; True: on every device (the CPU runs the reference);
+            False: off. Same fp8 codes but where the fp32 sum of squares, added in another
+            order, moves a normalized value across a rounding boundary.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -76,7 +77,7 @@ class Backend:
     eager_numerics: bool = True
     quant_in_gemv: bool = True
     fused_topk: bool = True
-    fused_norm: Optional[bool] = False
+    fused_norm: Optional[bool] = None
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -155,7 +156,7 @@ def backend_with(
     eager_numerics: bool = True,
     quant_in_gemv: bool = True,
     fused_topk: bool = True,
-    fused_norm: Optional[bool] = False,
+    fused_norm: Optional[bool] = None,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 

@@ -46,12 +46,12 @@ class PostGradPass(CustomGraphPass):
     decode GEMMs on the gemv route quantize their input in the kernel (passes/linear.py).
     ``fused_topk``: top-k over short rows (MoE routing) becomes fp8fx.topk (passes/topk.py).
     ``fused_norm``: an RMSNorm feeding a quantization becomes fp8fx.rms_norm_quant
-    (passes/norm_quant.py): None on CUDA tensors only, True on every device (CPU: the
-    reference), False (the default) never.
+    (passes/norm_quant.py): None (the default) on CUDA tensors only, True on every device
+    (CPU: the reference), False never.
     """
 
     def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True,
-                 fused_norm: Optional[bool] = False):
+                 fused_norm: Optional[bool] = None):
         self.config = config
         self.quant_in_gemv = quant_in_gemv
         self.fused_topk = fused_topk

@@ -45,8 +45,14 @@ def host_costs():
     x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
     r, w = torch.randn_like(x), torch.rand(4096, device="cuda", dtype=torch.bfloat16)
     eps = torch.tensor(1e-5, dtype=torch.float64)
+    # The same wrapper behind a plain torch.library op (schema + CUDA kernel), without
+    # torch.library.custom_op's Python machinery, to see what the dispatch itself costs.
+    lib = torch.library.Library("fp8fx_probe", "DEF")
+    lib.define("rnq(Tensor x, Tensor? residual, Tensor weight, Tensor? eps_tensor, float eps, bool ue8m0) -> (Tensor, Tensor, Tensor)")
+    lib.impl("rnq", lambda x, r, w, et, e, u: norm_quant.rms_norm_quant(x, r, w, float(et) if et is not None else e, u), "CUDA")
     print("\nhost us per call (GPU busy):")
     for label, fn in [
+        ("plain torch.library op", lambda: torch.ops.fp8fx_probe.rnq.default(x, r, w, eps, 0.0, False)),
         ("torch.ops.fp8fx.rms_norm_quant", lambda: torch.ops.fp8fx.rms_norm_quant.default(x, r, w, eps, 0.0, False)),
         ("kernels.norm_quant.rms_norm_quant", lambda: norm_quant.rms_norm_quant(x, r, w, 1e-5)),
         ("torch.ops.fp8fx.act_quant", lambda: torch.ops.fp8fx.act_quant.default(x, 128, False)),

@@ -44,14 +44,39 @@ def _queued_ms(fn, repeats=10):
     return statistics.median(gpu), statistics.median(host)
 
 
-def _timings(fn, label):
+def _timings(fn, label, quiet=False):
     with torch.inference_mode():
         graph = _graph_ms(fn, 10)
         called = _median_ms(fn, 10)
         queued, host = _queued_ms(fn)
-    print(f"\n{label}: graph replay {graph:.2f} ms, as called {called:.2f} ms, queued {queued:.2f} ms, "
-          f"host issue {host:.2f} ms")
-    return graph, called, queued
+    if not quiet:
+        print(f"\n{label}: graph replay {graph:.2f} ms, as called {called:.2f} ms, queued {queued:.2f} ms, "
+              f"host issue {host:.2f} ms")
+    return graph, called, queued, host
+
+
+def _ab(model, ids, rounds):
+    """bf16 compiled, then fp8fx compiled with fused_norm False and None measured in
+    interleaved rounds (both compiled graphs alive in one process); medians over rounds."""
+    torch._inductor.config.fx_graph_cache = False
+    bf16c = torch.compile(model, dynamic=True)
+    runs = {"bf16 compiled": [_timings(lambda: bf16c(input_ids=ids, use_cache=False), "", True) for _ in range(rounds)]}
+    torch._dynamo.reset()
+    fp8fx.quantize_(model)
+    fns = {f"fp8fx fused_norm={f}": torch.compile(model, backend=fp8fx.backend_with(fused_norm=f), dynamic=True)
+           for f in (False, None)}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            runs.setdefault(label, []).append(_timings(lambda: fn(input_ids=ids, use_cache=False), label, True))
+    med = {label: [statistics.median(col) for col in zip(*rows)] for label, rows in runs.items()}
+    base = med["bf16 compiled"]
+    print(f"\nmedians of {rounds} rounds (each a median of 10 calls)")
+    print("| variant | graph replay ms | as called ms | queued ms | host issue ms | bf16 / it (graph, called, queued) |")
+    print("|---|---|---|---|---|---|")
+    for label, (g, c, q, h) in med.items():
+        spread = max(r[1] for r in runs[label]) - min(r[1] for r in runs[label])
+        print(f"| {label} | {g:.2f} | {c:.2f} (spread {spread:.2f}) | {q:.2f} | {h:.2f} | "
+              f"{base[0] / g:.3f}, {base[1] / c:.3f}, {base[2] / q:.3f} |")
 
 
 def _events(fn):
@@ -104,24 +129,12 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--ab", action="store_true", help="timings only: bf16, fp8fx without and with fused_norm")
+    parser.add_argument("--rounds", type=int, default=5, help="--ab: interleaved rounds of the fp8fx variants")
     args = parser.parse_args()
     model = _model(args.layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     if args.ab:
-        torch._inductor.config.fx_graph_cache = False
-        rows = {"bf16 compiled": _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")
-                for bf16c in [torch.compile(model, dynamic=True)]}
-        fp8fx.quantize_(model)
-        for fused in (False, None):
-            torch._dynamo.reset()
-            fn = torch.compile(model, backend=fp8fx.backend_with(fused_norm=fused), dynamic=True)
-            label = f"fp8fx fused_norm={fused}"
-            rows[label] = _timings(lambda: fn(input_ids=ids, use_cache=False), label)
-        base = rows["bf16 compiled"]
-        print("\n| variant | graph replay ms | as called ms | queued ms | bf16 / it (graph, called, queued) |")
-        print("|---|---|---|---|---|")
-        for label, (g, c, q) in rows.items():
-            print(f"| {label} | {g:.2f} | {c:.2f} | {q:.2f} | {base[0] / g:.3f}, {base[1] / c:.3f}, {base[2] / q:.3f} |")
+        _ab(model, ids, args.rounds)
         return
     bf16c = torch.compile(model, dynamic=True)
     _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")

@@ -298,8 +298,8 @@ def test_rms_norm_quant_kernel_matches_reference(shape, residual, ue8m0, dtype):
 
 @pytest.mark.parametrize("fused_norm", [None, False])
 def test_prefill_layer_norms_fused(fused_norm):
-    """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): with
-    fused_norm=None (CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the post-attention one with the residual add), so
+    """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): by default
+    (fused_norm=None: CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the post-attention one with the residual add), so
     the only Triton kernels writing fp8 codes are SiLU * up's and the attention output's;
     the output matches eager fp8fx."""
     from torch._inductor.utils import run_and_get_code

@@ -131,7 +131,7 @@ return (v11, v10)""")
         assert torch.equal(h, h_ref)
         assert rel_err(y, y_ref) < 1e-2  # the same codes but for rows whose fp32 sum order flips one
 
-    def test_off_by_default_and_cuda_only_with_none(self):
+    def test_cuda_only_by_default_and_false_turns_it_off(self):
         model = _model(ResidualNormProj)
         x, delta = heavy_tailed(5, 256, seed=1).to(BF16), heavy_tailed(5, 256, seed=2).to(BF16)
         for options in ({}, {"fused_norm": False}, {"fused_norm": None}):
