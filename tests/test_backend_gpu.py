@@ -154,13 +154,9 @@ def test_cuda_graphs_decode_steps():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("quant_in_gemv", [True, False])
-def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
-    """A Llama decoder layer at one token, compiled with static shapes: q/k/v and gate/up run
-    as two gemv_cat launches (fp8fx_linear_cat, with o and down one each, quantizing in the
-    kernel; or fp8fx_block_gemm_cat), the output matches eager fp8fx, and a CUDA graph of the
-    compiled step replays to the same values."""
-    from torch._inductor.utils import run_and_get_code
+def _llama_layer(tokens: int, seed: int):
+    """A quantized transformers LlamaDecoderLayer (hidden 1024, GQA 8/2 heads, SDPA) on the
+    GPU, a heavy-tailed input of ``tokens`` tokens and its forward kwargs."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -169,9 +165,20 @@ def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(config, 0).to("cuda", BF16).eval().requires_grad_(False)
     fp8fx.quantize_(layer)
-    h = heavy_tailed(1, 1, 1024, dtype=BF16, seed=2, outliers=False).cuda()
-    cos, sin = LlamaRotaryEmbedding(config, device="cuda")(h, torch.arange(1, device="cuda")[None])
-    kw = {"position_embeddings": (cos, sin), "attention_mask": None}
+    h = heavy_tailed(1, tokens, 1024, dtype=BF16, seed=seed, outliers=False).cuda()
+    cos, sin = LlamaRotaryEmbedding(config, device="cuda")(h, torch.arange(tokens, device="cuda")[None])
+    return layer, h, {"position_embeddings": (cos, sin), "attention_mask": None}
+
+
+@pytest.mark.parametrize("quant_in_gemv", [True, False])
+def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
+    """A Llama decoder layer at one token, compiled with static shapes: q/k/v and gate/up run
+    as two gemv_cat launches (fp8fx_linear_cat, with o and down one each, quantizing in the
+    kernel; or fp8fx_block_gemm_cat), the output matches eager fp8fx, and a CUDA graph of the
+    compiled step replays to the same values."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer, h, kw = _llama_layer(tokens=1, seed=2)
     compiled = torch.compile(layer, backend=backend_with(quant_in_gemv=quant_in_gemv), fullgraph=True, dynamic=False)
     with torch.no_grad():
         y, codes = run_and_get_code(compiled, h, **kw)
@@ -299,21 +306,12 @@ def test_rms_norm_quant_kernel_matches_reference(shape, residual, ue8m0, dtype):
 @pytest.mark.parametrize("fused_norm", [None, False])
 def test_prefill_layer_norms_fused(fused_norm):
     """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): by default
-    (fused_norm=None: CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the post-attention one with the residual add), so
-    the only Triton kernels writing fp8 codes are SiLU * up's and the attention output's;
-    the output matches eager fp8fx."""
+    (fused_norm=None: CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the
+    post-attention one with the residual add), so no Triton kernel writing fp8 codes
+    computes an RMSNorm; the output matches eager fp8fx."""
     from torch._inductor.utils import run_and_get_code
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=1, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=512, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    layer = LlamaDecoderLayer(config, 0).to("cuda", BF16).eval().requires_grad_(False)
-    fp8fx.quantize_(layer)
-    h = heavy_tailed(1, 300, 1024, dtype=BF16, seed=5, outliers=False).cuda()
-    cos, sin = LlamaRotaryEmbedding(config, device="cuda")(h, torch.arange(300, device="cuda")[None])
-    kw = {"position_embeddings": (cos, sin), "attention_mask": None}
+    layer, h, kw = _llama_layer(tokens=300, seed=5)
     compiled = torch.compile(layer, backend=backend_with(fused_norm=fused_norm), fullgraph=True, dynamic=True)
     with torch.no_grad():
         y, codes = run_and_get_code(compiled, h, **kw)
