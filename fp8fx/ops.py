@@ -430,7 +430,8 @@ def rms_norm_quant(
     if x.is_cuda and _cuda("rms_norm_quant"):
         return _cuda("rms_norm_quant")(x, residual, weight, eps_value, ue8m0)
     q, s, h = reference.rms_norm_quant(x, residual, weight, eps_value, 128, "ue8m0" if ue8m0 else "float32")
-    return q, scales_like(x).copy_(s), h if residual is not None else x.new_empty(0)
+    # The layouts the fake reports: q and h contiguous, s column-major over the rows.
+    return q.contiguous(), scales_like(x).copy_(s), h.contiguous() if residual is not None else x.new_empty(0)
 
 
 @rms_norm_quant.register_fake

@@ -41,11 +41,6 @@ def _is(node, *targets) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def _other(node: torch.fx.Node, known) -> Optional[object]:
-    a, b = node.args[:2]
-    return b if a is known else a if b is known else None
-
-
 def _eps(node) -> Optional[tuple[Optional[torch.fx.Node], float]]:
     """(eps_tensor node or None, eps float) from the add's second operand."""
     if isinstance(node, (int, float)):
@@ -59,7 +54,7 @@ def _eps(node) -> Optional[tuple[Optional[torch.fx.Node], float]]:
 
 
 def _match(y: torch.fx.Node):
-    """(h, w, eps_tensor, eps) when y is transformers' RMSNorm of h, else None."""
+    """(h, h32, w, eps_tensor, eps) when y is transformers' RMSNorm of h (h32: h in fp32), else None."""
     if not _is(y, _aten.mul.Tensor) or len(y.args) != 2:
         return None
     vy = _val(y)
@@ -87,7 +82,7 @@ def _match(y: torch.fx.Node):
             h = h32.args[0]
             vh = _val(h)
             if isinstance(vh, torch.Tensor) and vh.dtype == vy.dtype and vh.shape == vy.shape:
-                return h, w, *eps
+                return h, h32, w, *eps
     return None
 
 
@@ -116,7 +111,7 @@ def rewrite(graph: torch.fx.Graph, devices: tuple[str, ...] = ("cuda",)) -> None
         found = _match(y) if isinstance(y, torch.fx.Node) else None
         if found is None:
             continue
-        h, w, eps_node, eps = found
+        h, h32, w, eps_node, eps = found
         vy = _val(y)
         if vy.device.type not in devices:
             continue
@@ -125,7 +120,6 @@ def rewrite(graph: torch.fx.Graph, devices: tuple[str, ...] = ("cuda",)) -> None
         if not ok:
             counters[COUNTER]["norm_quant_kept"] += 1
             continue
-        h32 = next(u for u in h.users if _is(u, _CONVERT) and u.args[1] == torch.float32)
         pair = _residual(h, h32, y)
         with graph.inserting_after(y):
             args = (*(pair or (h, None)), w, eps_node, eps, bool(ue8m0))

@@ -54,6 +54,8 @@ def test_op_on_cpu_is_the_reference_and_checks_its_arguments():
     assert s.stride() == (4, 1, 12)
     torch.library.opcheck(torch.ops.fp8fx.rms_norm_quant.default, (x, r, w, None, 1e-6, True))
     torch.library.opcheck(torch.ops.fp8fx.rms_norm_quant.default, (x, None, w, eps, 0.0, False))
+    xt, rt = x.transpose(0, 1), r.transpose(0, 1)  # strided rows: the outputs keep the fake's layouts
+    torch.library.opcheck(torch.ops.fp8fx.rms_norm_quant.default, (xt, rt, w, eps, 0.0, False))
     with pytest.raises(ValueError, match="multiple of 128 and at most"):
         torch.ops.fp8fx.rms_norm_quant(x[..., :200], None, w[:200], None, 1e-6, False)
     with pytest.raises(TypeError, match="bf16/fp16 x"):
