@@ -86,6 +86,14 @@ class ResidualNormProj(nn.Module):
         return self.proj(self.norm(h)), h
 
 
+class NormReadTwice(ResidualNormProj):
+    """The normalized rows also leave the module: the norm must stay whole."""
+
+    def forward(self, x, delta):
+        y = self.norm(x + delta)
+        return self.proj(y), y
+
+
 def _post_grad(model, *args, kwargs=None, **options):
     graphs = []
     torch._dynamo.reset()
@@ -140,6 +148,16 @@ return (v11, v10)""")
             _, g = _post_grad(model, x, delta, **options)
             assert "fp8fx.rms_norm_quant" not in g and "aten.amax" in g, options
             assert not counters["fp8fx"]["norm_quant"] and not counters["fp8fx"]["norm_quant_kept"], options
+
+
+def test_norm_read_elsewhere_is_kept_and_reported():
+    model = _model(NormReadTwice)
+    x, delta = heavy_tailed(5, 256, seed=1).to(BF16), heavy_tailed(5, 256, seed=2).to(BF16)
+    (y, n), g = _post_grad(model, x, delta, fused_norm=True)
+    assert "fp8fx.rms_norm_quant" not in g and "aten.rsqrt" in g
+    assert counters["fp8fx"]["norm_quant_kept"] == 1 and not counters["fp8fx"]["norm_quant"]
+    y_ref, n_ref = model(x, delta)
+    assert torch.equal(n, n_ref) and rel_err(y, y_ref) < 1e-2
 
 
 def test_llama_layer_both_norms_fused_and_matches_eager():
