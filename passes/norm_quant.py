@@ -96,9 +96,12 @@ def _residual(h: torch.fx.Node, h32: torch.fx.Node, before: torch.fx.Node):
         vt = _val(t)
         if not (isinstance(vt, torch.Tensor) and vt.shape == vh.shape and vt.dtype == vh.dtype):
             return None
-    order = {n: i for i, n in enumerate(h.graph.nodes)}
-    if any(order[u] <= order[before] for u in h.users if u is not h32):
-        return None
+    others = set(h.users) - {h32}
+    node = h
+    while node is not before:  # the few nodes from h to ``before`` (the norm), in graph order
+        node = node.next
+        if node in others:
+            return None
     return h.args
 
 

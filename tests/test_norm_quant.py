@@ -160,6 +160,27 @@ def test_norm_read_elsewhere_is_kept_and_reported():
     assert torch.equal(n, n_ref) and rel_err(y, y_ref) < 1e-2
 
 
+def test_residual_add_folded_in_only_when_every_other_reader_comes_later():
+    # The post-grad graphs of the models above put every other reader of the sum after the
+    # norm; an earlier reader (which would read the op's output before it exists) is built
+    # here by hand: then the op takes the sum as x and the add stays.
+    from fp8fx.passes.norm_quant import _CONVERT, _residual
+
+    aten = torch.ops.aten
+    for early in (False, True):
+        g = torch.fx.Graph()
+        a, b = g.placeholder("a"), g.placeholder("b")
+        h = g.call_function(aten.add.Tensor, (a, b))
+        if early:
+            g.call_function(aten.mul.Tensor, (h, 2))
+        h32 = g.call_function(_CONVERT, (h, torch.float32))
+        y = g.call_function(aten.neg.default, (h32,))
+        g.output((y, g.call_function(aten.mul.Tensor, (h, 3))))
+        for node in (a, b, h):
+            node.meta["val"] = torch.empty(2, 256, dtype=BF16)
+        assert _residual(h, h32, y) == (None if early else (a, b)), early
+
+
 def test_llama_layer_both_norms_fused_and_matches_eager():
     from test_backend import _llama_layer
 
