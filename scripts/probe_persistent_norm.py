@@ -16,6 +16,8 @@ whether each computes the rsqrt itself), the kernel count, and the prefill GPU t
 
 import argparse
 import re
+import sys
+from pathlib import Path
 
 import torch
 from torch._inductor.choices import InductorChoices
@@ -26,6 +28,9 @@ import fp8fx
 
 torch._inductor.config.fx_graph_cache = False  # each variant compiles afresh (the choices are not in the key)
 from fp8fx.bench_e2e import _graph_ms, _model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import kernel_sources  # noqa: E402
 
 
 def _choices(threshold: int):
@@ -42,15 +47,6 @@ def _choices(threshold: int):
     return Choices()
 
 
-def _kernels(code: str) -> dict[str, str]:
-    out = {}
-    for m in re.finditer(r"def (triton_\w+)\(", code):
-        start = m.start()
-        end = code.find("''', device_str", start)
-        out[m.group(1)] = code[start:end if end > 0 else start + 20000]
-    return out
-
-
 def _variant(model, ids, label, choices=None):
     torch._dynamo.reset()
     fn = torch.compile(model, backend=fp8fx.backend, dynamic=True) if label != "bf16" else torch.compile(model, dynamic=True)
@@ -65,7 +61,7 @@ def _variant(model, ids, label, choices=None):
     code = "\n".join(codes)
     body = code[code.rindex("def call(") :]
     launches = len(re.findall(r"\btriton_\w+\.run\(", body))
-    kernels = _kernels(code)
+    kernels = kernel_sources(code)
     fp8 = [name for name, src in kernels.items() if "float8e4nv" in src]
     print(f"\n{label}: prefill {ms:.3f} ms (graph replay), {launches} Triton launches in the last graph")
     for name in fp8:

@@ -107,6 +107,18 @@ def run_interpreted(test_file: str) -> None:
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
 
 
+def kernel_sources(code: str) -> dict[str, str]:
+    """Inductor's generated code -> {Triton kernel name: its source} (tests/test_backend_gpu.py,
+    scripts/probe_persistent_norm.py)."""
+    import re
+
+    out = {}
+    for name in re.findall(r"^(triton_\w+) = async_compile", code, re.M):
+        src = code[code.index(name + " = async_compile") :]
+        out[name] = src[: src.index("device_str")]
+    return out
+
+
 INTERPRET_INNER = __import__("os").environ.get("FP8FX_INTERPRET_INNER") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET_INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 

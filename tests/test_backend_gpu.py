@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fp8fx
-from conftest import heavy_tailed, rel_err
+from conftest import heavy_tailed, kernel_sources, rel_err
 from fp8fx import BlockFP8Config, reference as R
 from fp8fx.backend import backend, backend_with, last_report
 from fp8fx.passes.linear import quantize_act_decomposed
@@ -78,14 +78,6 @@ def test_compiled_matches_eager(scale_fmt):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def _kernel_sources(code: str) -> dict[str, str]:
-    out = {}
-    for name in re.findall(r"^(triton_\w+) = async_compile", code, re.M):
-        src = code[code.index(name + " = async_compile") :]
-        out[name] = src[: src.index("device_str")]
-    return out
-
-
 def test_quant_fused_into_triton_producers():
     from torch._inductor.utils import run_and_get_code
 
@@ -102,7 +94,7 @@ def test_quant_fused_into_triton_producers():
             seq.append("gemm")
         elif (m := re.search(r"\b(triton_\w+)\.run\(", line)) is not None:
             seq.append(m.group(1))
-    kernels = _kernel_sources(code)
+    kernels = kernel_sources(code)
     quant_kernels = [name for name, src in kernels.items() if "float8e4nv" in src]
     # Each kernel that writes fp8 codes computes its producer too (RMSNorm's rsqrt, SiLU's exp):
     # no standalone quantization kernel reads a materialized activation.
@@ -318,7 +310,7 @@ def test_prefill_layer_norms_fused(fused_norm):
         expect = layer(h, **kw)
     y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
     code = codes[0]
-    fp8_writers = [src for name, src in _kernel_sources(code).items() if "float8e4nv" in src]
+    fp8_writers = [src for name, src in kernel_sources(code).items() if "float8e4nv" in src]
     if fused_norm is None:
         assert code.count("torch.ops.fp8fx.rms_norm_quant.default(") == 2
         assert counters["fp8fx"]["norm_quant"] == 2 and counters["fp8fx"]["norm_quant_residual"] == 1
