@@ -41,7 +41,9 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "linear_cat_extern", "template_configs"]
+from fp8fx import kernels
+
+__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "linear_cat_extern", "rms_norm_quant_extern", "template_configs"]
 
 _BLOCK = [128, 128]
 log = logging.getLogger(__name__)
@@ -126,11 +128,10 @@ def block_gemm_extern(xq, xs, qweight, wscale, bias=None, *, out_dtype, backend=
     "triton", "deepgemm" pin one. Shapes were checked at trace time by the op's fake."""
     if not xq.is_cuda:
         return torch.ops.fp8fx.block_gemm.default(xq, xs, qweight, wscale, bias, list(block_size), out_dtype)
-    from fp8fx import kernels
-    from fp8fx.kernels import dispatch
-
     if backend == "auto":
         return kernels.block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype)
+    from fp8fx.kernels import dispatch
+
     with dispatch.preference(backend):
         return kernels.block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype)
 
@@ -207,8 +208,6 @@ def block_gemm_cat_extern(xq, xs, *operands, out_dtype, block_size, bias_slots):
     ws, ss, bs = _weight_lists(operands, bias_slots)
     if not xq.is_cuda:
         return torch.ops.fp8fx.block_gemm_cat.default(xq, xs, ws, ss, bs, list(block_size), out_dtype)
-    from fp8fx import kernels
-
     return kernels.block_gemm_cat_cuda(xq, xs, ws, ss, bs, block_size, out_dtype)
 
 
@@ -217,8 +216,6 @@ def linear_cat_extern(x, *operands, block_size, bias_slots):
     ws, ss, bs = _weight_lists(operands, bias_slots)
     if not x.is_cuda:
         return torch.ops.fp8fx.linear_cat.default(x, ws, ss, bs, list(block_size))
-    from fp8fx import kernels
-
     return kernels.linear_cat_cuda(x, ws, ss, bs, block_size)
 
 
@@ -362,6 +359,37 @@ def _block_gemm(xq, xs, qweight, wscale, bias, block_size, out_dtype):
     return finish(extern.bind(inputs, layout, **kw).output_node())
 
 
+def rms_norm_quant_extern(x, residual, weight, eps_tensor, eps, ue8m0):
+    """What a compiled graph calls for fp8fx::rms_norm_quant: on CUDA, the kernel's wrapper
+    itself, without the dispatcher and the argument checks the op's fake already made at
+    trace time (a compiled prefill makes this call for every fused RMSNorm, on the host's
+    critical path; see ``_rms_norm_quant``); elsewhere the op."""
+    if not x.is_cuda:
+        return torch.ops.fp8fx.rms_norm_quant.default(x, residual, weight, eps_tensor, eps, ue8m0)
+    from fp8fx.kernels import norm_quant
+
+    return norm_quant.rms_norm_quant(x, residual, weight, eps if eps_tensor is None else eps_tensor.item(), ue8m0)
+
+
+@functools.cache
+def _norm_extern_choice():
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    return ExternKernelChoice(rms_norm_quant_extern, name="fp8fx_rms_norm_quant", has_out_variant=False)
+
+
+def _rms_norm_quant(*args):
+    """Inductor's fallback for the op (its multi-output handling), calling
+    ``extern_kernels.fp8fx_rms_norm_quant`` instead of ``torch.ops.fp8fx.rms_norm_quant``."""
+    from torch._inductor import ir
+
+    outs = ir.FallbackKernel.create(torch.ops.fp8fx.rms_norm_quant.default, *args)
+    kernel = outs[0].inputs[0]
+    if isinstance(kernel, ir.FallbackKernel):
+        kernel.python_kernel_name = f"extern_kernels.{_norm_extern_choice().name}"
+    return [o.wrap_for_lowering() if isinstance(o, ir.IRNode) else o for o in outs]
+
+
 @functools.cache
 def register() -> None:
     """Install the block_gemm lowering and, on CUDA, the fp8fx kernels (once per process)."""
@@ -371,12 +399,15 @@ def register() -> None:
     _extern_choice()  # the generated code (and a cached one) names extern_kernels.fp8fx_block_gemm
     _cat_extern_choice()
     _linear_cat_extern_choice()
+    _norm_extern_choice()
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(_block_gemm)
     if torch.ops.fp8fx.block_gemm_cat.default not in lowerings:
         register_lowering(torch.ops.fp8fx.block_gemm_cat.default, type_promotion_kind=None)(_block_gemm_cat)
     if torch.ops.fp8fx.linear_cat.default not in lowerings:
         register_lowering(torch.ops.fp8fx.linear_cat.default, type_promotion_kind=None)(_linear_cat)
+    if torch.ops.fp8fx.rms_norm_quant.default not in lowerings:
+        register_lowering(torch.ops.fp8fx.rms_norm_quant.default, type_promotion_kind=None)(_rms_norm_quant)
     if torch.cuda.is_available():
         from fp8fx import kernels
 

@@ -18,6 +18,7 @@ package does no work.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -51,14 +52,14 @@ _PREPARED: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def prepared_weight_scale(wscale: torch.Tensor, n: int, backend: str) -> torch.Tensor:
-    from fp8fx.kernels import cublas, deepgemm
-
     key = (id(wscale), backend)
     # Inference tensors (made under torch.inference_mode) have no version counter.
     version = None if wscale.is_inference() else wscale._version
     hit = _PREPARED.get(key)
     if hit is not None and hit[0]() is wscale and hit[1] == version:
         return hit[2]
+    from fp8fx.kernels import cublas, deepgemm
+
     if backend == "cublas":
         prepared = cublas.prepare_weight_scale(wscale)
     else:
@@ -138,13 +139,13 @@ _MAX_ROUTES = 1 << 14
 
 
 def _cublas_route_call(xq, xs, qweight, wscale, bias, out_dtype):
-    """torch._scaled_mm for a recorded route whose operands fit it, else None."""
-    from fp8fx.kernels import dispatch
-
-    if bias is not None or xq.dim() != 2:
+    """torch._scaled_mm for a recorded route whose operands fit it, else None. (No imports
+    here: this runs once per GEMM of a compiled prefill, on the host's critical path, and a
+    route is only recorded once dispatch is loaded.)"""
+    if bias is not None or xq.dim() != 2 or not _CUBLAS_ROUTES:
         return None
     m = xq.shape[0]
-    ref = _CUBLAS_ROUTES.get((id(qweight), m, out_dtype, dispatch._preference))
+    ref = _CUBLAS_ROUTES.get((id(qweight), m, out_dtype, sys.modules["fp8fx.kernels.dispatch"]._preference))
     if ref is None or ref() is not qweight:
         return None
     # The layout the route's first call was checked for: xq [M, K] row-major fp8, xs [M, nK]

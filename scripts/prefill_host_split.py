@@ -1,0 +1,220 @@
+"""Where a compiled prefill's host time goes, outside and inside the compiled callable.
+
+For a Llama-3-8B-dimension model with few layers (1 x 2048 tokens, ``dynamic=True`` as
+``bench e2e`` compiles it), each variant is compiled through a backend that wraps what the
+real backend returns with two clock reads. Every timed call is issued behind a GPU sleep, so
+the host never waits for the GPU; per call (medians of 20):
+
+- outer: the whole Python call of the compiled model (Dynamo's guards, the frame, the
+  compiled callable and whatever transformers runs outside the graph);
+- inner: the compiled callable alone (AOT autograd's runtime wrapper and Inductor's ``call``:
+  its argument checks, allocations and every kernel launch);
+- first: on an idle GPU, from the end of a 1 us marker kernel issued just before the call to
+  the call's first kernel (CUDA-only profile): the time before the GPU gets any work.
+
+Then the as-called and CUDA-graph times of each variant (ms, medians of 10).
+
+``--micro`` times host costs of single calls instead: the fused norm op through torch.ops,
+its wrapper, its Triton launch alone (outputs preallocated), and the GEMM extern.
+``--profile``: cProfile of the fp8fx prefill, per function (own and cumulative us per call).
+
+    python scripts/prefill_host_split.py [--layers 16] [--micro | --profile]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fp8fx
+from fp8fx.bench_e2e import _graph_ms, _median_ms, _model
+
+
+def _host_us(fn, repeats=200):
+    """Median host microseconds of fn() issued while the GPU is busy."""
+    for _ in range(3):
+        fn()
+    times = []
+    torch.cuda._sleep(200_000_000)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def micro():
+    from fp8fx.kernels import norm_quant
+    from fp8fx.passes import lowering
+    import fp8fx.reference as R
+
+    m, k = 2048, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    r, w = torch.randn_like(x), torch.rand(k, device="cuda", dtype=torch.bfloat16)
+    eps = torch.tensor(1e-5, dtype=torch.float64)
+    q = torch.empty(m, k, dtype=R.FP8_DTYPE, device="cuda")
+    s = norm_quant.scales_like(x)
+    h = torch.empty_like(x)
+    kern = norm_quant._rms_norm_quant_kernel
+
+    def launch():
+        kern[(m,)](x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0),
+                   HAS_RESIDUAL=True, UE8M0=False, EXACT_CAST=False, BLOCK_G=32, GROUP=128, num_warps=16)
+
+    compiled = kern[(m,)](x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0),
+                          HAS_RESIDUAL=True, UE8M0=False, EXACT_CAST=False, BLOCK_G=32, GROUP=128, num_warps=16)
+    static = None
+    try:
+        from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+
+        static = StaticallyLaunchedCudaKernel(compiled)
+        static.load_kernel(torch.cuda.current_device())
+        print("static launcher arg types:", static.arg_tys)
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        print("static launcher unavailable:", type(e).__name__, e)
+
+    def static_launch():
+        static.run(m, 1, 1, torch.cuda.current_stream().cuda_stream, x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0))
+
+    if static is not None:
+        launch()
+        ref = (q.clone(), s.clone(), h.clone())
+        q.zero_(), s.zero_(), h.zero_()
+        static_launch()
+        torch.cuda.synchronize()
+        print("static launch output equal:", all(torch.equal(a.view(torch.uint8) if a.dtype == R.FP8_DTYPE else a,
+                                                            b.view(torch.uint8) if b.dtype == R.FP8_DTYPE else b)
+                                                  for a, b in zip(ref, (q, s, h))))
+
+    qw, sw = fp8fx.reference.quantize_weight(torch.randn(k, k, device="cuda", dtype=torch.bfloat16))
+    xq, xs = torch.ops.fp8fx.act_quant.default(x, 128, False)
+    xs_cm = xs.t().contiguous().t()
+    rows = [
+        ("torch.ops.fp8fx.rms_norm_quant", lambda: torch.ops.fp8fx.rms_norm_quant.default(x, r, w, eps, 0.0, False)),
+        ("lowering.rms_norm_quant_extern (what compiled graphs call)",
+         lambda: lowering.rms_norm_quant_extern(x, r, w, eps, 0.0, False)),
+        ("kernels.norm_quant.rms_norm_quant (wrapper)", lambda: norm_quant.rms_norm_quant(x, r, w, 1e-5)),
+        ("Triton launch alone (outputs preallocated)", launch),
+        ("kernels.host.Launcher, same launch", lambda: norm_quant._launch(
+            (m,), (x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0)),
+            dict(HAS_RESIDUAL=True, UE8M0=False, EXACT_CAST=False, BLOCK_G=32, GROUP=128), num_warps=16)),
+        *([("static launcher (torch._inductor), same kernel", static_launch)] if static is not None else []),
+        ("three torch.empty", lambda: (torch.empty(m, k, dtype=R.FP8_DTYPE, device="cuda"), norm_quant.scales_like(x),
+                                       torch.empty_like(x))),
+        ("eps.item() (CPU scalar)", lambda: eps.item()),
+        ("lowering.block_gemm_extern (cuBLAS route)", lambda: lowering.block_gemm_extern(xq, xs_cm, qw, sw, out_dtype=torch.bfloat16)),
+        ("torch.mm bf16", lambda: torch.mm(x, w.new_empty(k, k))),
+    ]
+    print("\nhost us per call (GPU busy), medians of 200:")
+    for label, fn in rows:
+        print(f"  {label}: {_host_us(fn):.1f}")
+
+
+def profile_inner(layers: int, calls: int = 20, top: int = 40):
+    """cProfile of ``calls`` compiled fp8fx prefills issued behind a GPU sleep: per function,
+    microseconds per prefill (own time and cumulative) and calls per prefill."""
+    import cProfile
+    import pstats
+
+    model = _model(layers)
+    ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+    fp8fx.quantize_(model)
+    fn = torch.compile(model, backend=fp8fx.backend, dynamic=True)
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        for _ in range(calls):
+            torch.cuda._sleep(400_000_000)
+            prof.enable()
+            fn(input_ids=ids, use_cache=False)
+            prof.disable()
+            torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"\nfp8fx compiled, {layers} layers: per prefill, us own / us cumulative / calls")
+    for (path, line, name), (cc, nc, tt, ct, _) in rows:
+        print(f"{tt / calls * 1e6:9.1f} {ct / calls * 1e6:9.1f} {nc / calls:7.1f}  {path.split('/')[-1]}:{line}({name})")
+
+
+def _wrap(backend, record):
+    def compile_(gm, example_inputs):
+        fn = backend(gm, example_inputs)
+
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            record.append((t0, time.perf_counter()))
+            return out
+
+        return run
+
+    return compile_
+
+
+def _split(label, call, record, repeats=20):
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        outer, inner = [], []
+        for _ in range(repeats):
+            record.clear()
+            torch.cuda._sleep(200_000_000)
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            outer.append((t1 - t0) * 1e3)
+            inner.append(sum(b - a for a, b in record) * 1e3)
+            torch.cuda.synchronize()
+        firsts = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.cuda._sleep(1000)
+                call()
+                torch.cuda.synchronize()
+            ks = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                        if e.device_type == torch.autograd.DeviceType.CUDA and "Memset" not in e.name)
+            firsts.append((ks[1][0] - ks[0][1]) / 1e3)
+        graph = _graph_ms(call, 10)
+        called = _median_ms(call, 10)
+    print(f"{label}: host outer {statistics.median(outer):.2f} ms, inner {statistics.median(inner):.2f} ms "
+          f"(outside the callable {statistics.median(outer) - statistics.median(inner):.2f}); marker end -> first "
+          f"kernel {statistics.median(firsts):.2f} ms; graph replay {graph:.2f} ms, as called {called:.2f} ms "
+          f"(+{called - graph:.2f})")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--micro", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile of the fp8fx prefill's host time")
+    args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
+    if args.profile:
+        profile_inner(args.layers)
+        return
+    from torch._inductor.compile_fx import compile_fx
+
+    model = _model(args.layers)
+    ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+    rec: list = []
+    bf16c = torch.compile(model, backend=_wrap(compile_fx, rec), dynamic=True)
+    _split("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False), rec)
+    torch._dynamo.reset()
+    fp8fx.quantize_(model)
+    for label, be in [("fp8fx compiled", fp8fx.backend),
+                      ("fp8fx, size_asserts off", fp8fx.backend_with(options={"size_asserts": False})),
+                      ("fp8fx, fused_norm off", fp8fx.backend_with(fused_norm=False))]:
+        fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True)
+        _split(label, lambda: fn(input_ids=ids, use_cache=False), rec)
+
+
+if __name__ == "__main__":
+    main()
