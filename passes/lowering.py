@@ -382,12 +382,16 @@ def _rms_norm_quant(*args):
     """Inductor's fallback for the op (its multi-output handling), calling
     ``extern_kernels.fp8fx_rms_norm_quant`` instead of ``torch.ops.fp8fx.rms_norm_quant``."""
     from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler
 
-    outs = ir.FallbackKernel.create(torch.ops.fp8fx.rms_norm_quant.default, *args)
-    kernel = outs[0].inputs[0]
-    if isinstance(kernel, ir.FallbackKernel):
+    outs = fallback_handler(torch.ops.fp8fx.rms_norm_quant.default, add_to_fallback_set=False)(*args)
+    node = outs[0]
+    while not isinstance(node, ir.MultiOutput) and hasattr(node, "data"):  # TensorBox / StorageBox
+        node = node.data
+    kernel = node.inputs[0] if isinstance(node, ir.MultiOutput) else None
+    if isinstance(kernel, ir.FallbackKernel):  # otherwise the dispatcher's call stays
         kernel.python_kernel_name = f"extern_kernels.{_norm_extern_choice().name}"
-    return [o.wrap_for_lowering() if isinstance(o, ir.IRNode) else o for o in outs]
+    return outs
 
 
 @functools.cache

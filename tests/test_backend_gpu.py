@@ -295,30 +295,6 @@ def test_rms_norm_quant_kernel_matches_reference(shape, residual, ue8m0, dtype):
     check_norm_quant(q, s, h, x, r, w, 1e-5, ue8m0)
 
 
-def test_rms_norm_quant_lean_launches_keep_specializations_apart():
-    """kernels.host.Launcher: the second launch of a specialization skips the JIT. Calls that
-    Triton compiles differently (1 row, rows divisible by 16 or not, rows misaligned by one
-    element, no residual, UE8M0, fp16) alternate, each twice with fresh data, and every
-    result matches the reference; the launcher holds one kernel per specialization."""
-    from conftest import check_norm_quant, norm_inputs
-    from fp8fx.kernels import norm_quant
-
-    norm_quant._launch.kernels.clear()
-    cases = [(1, True, False, BF16, 0), (16, True, False, BF16, 0), (17, True, False, BF16, 0), (16, True, False, BF16, 1),
-             (16, False, False, BF16, 0), (16, True, True, BF16, 0), (16, True, False, torch.float16, 0)]
-    for rnd in range(2):
-        for i, (m, residual, ue8m0, dtype, shift) in enumerate(cases):
-            x, r, w = (t.cuda() if t is not None else None
-                       for t in norm_inputs((m, 1024), dtype, seed=10 * i + rnd, residual=residual, zero_rows=(1,)))
-            if shift:  # rows start one element (2 bytes) past a 16-byte boundary
-                big = torch.empty(m * 1024 + shift, dtype=dtype, device="cuda")
-                x = big[shift:].view(m, 1024).copy_(x)
-                assert x.data_ptr() % 16
-            q, s, h = norm_quant.rms_norm_quant(x, r, w, 1e-5, ue8m0)
-            check_norm_quant(q, s, h, x, r, w, 1e-5, ue8m0)
-    assert len(norm_quant._launch.kernels) == len(cases)
-
-
 @pytest.mark.parametrize("fused_norm", [None, False])
 def test_prefill_layer_norms_fused(fused_norm):
     """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): by default

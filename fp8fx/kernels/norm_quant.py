@@ -26,7 +26,7 @@ from triton.language.extra import libdevice
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
-from fp8fx.kernels.host import Launcher, next_power_of_2
+from fp8fx.kernels.host import next_power_of_2
 
 __all__ = ["rms_norm_quant", "MAX_K"]
 
@@ -107,15 +107,14 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
     block_g = next_power_of_2(k // GROUP)
-    _launch(
-        (m,), (x2, r2, weight.contiguous(), h, q, s, m, k, float(eps), x2.stride(0), r2.stride(0)),
-        dict(HAS_RESIDUAL=residual is not None, UE8M0=ue8m0, EXACT_CAST=interpreting(), BLOCK_G=block_g, GROUP=GROUP),
-        num_warps=num_warps(block_g * GROUP),
+    _rms_norm_quant_kernel[(m,)](
+        x2, r2, weight.contiguous(), h, q, s,
+        m, k, float(eps),
+        x2.stride(0), r2.stride(0),
+        HAS_RESIDUAL=residual is not None, UE8M0=ue8m0, EXACT_CAST=interpreting(),
+        BLOCK_G=block_g, GROUP=GROUP, num_warps=num_warps(block_g * GROUP),
     )
     return q, s, h
-
-
-_launch = Launcher(_rms_norm_quant_kernel)
 
 
 def scales_like(x: torch.Tensor) -> torch.Tensor:
