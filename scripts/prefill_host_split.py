@@ -64,31 +64,6 @@ def micro():
         kern[(m,)](x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0),
                    HAS_RESIDUAL=True, UE8M0=False, EXACT_CAST=False, BLOCK_G=32, GROUP=128, num_warps=16)
 
-    compiled = kern[(m,)](x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0),
-                          HAS_RESIDUAL=True, UE8M0=False, EXACT_CAST=False, BLOCK_G=32, GROUP=128, num_warps=16)
-    static = None
-    try:
-        from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
-
-        static = StaticallyLaunchedCudaKernel(compiled)
-        static.load_kernel(torch.cuda.current_device())
-        print("static launcher arg types:", static.arg_tys)
-    except Exception as e:  # noqa: BLE001 - a probe: report and go on
-        print("static launcher unavailable:", type(e).__name__, e)
-
-    def static_launch():
-        static.run(m, 1, 1, torch.cuda.current_stream().cuda_stream, x, r, w, h, q, s, m, k, 1e-5, x.stride(0), r.stride(0))
-
-    if static is not None:
-        launch()
-        ref = (q.clone(), s.clone(), h.clone())
-        q.zero_(), s.zero_(), h.zero_()
-        static_launch()
-        torch.cuda.synchronize()
-        print("static launch output equal:", all(torch.equal(a.view(torch.uint8) if a.dtype == R.FP8_DTYPE else a,
-                                                            b.view(torch.uint8) if b.dtype == R.FP8_DTYPE else b)
-                                                  for a, b in zip(ref, (q, s, h))))
-
     qw, sw = fp8fx.reference.quantize_weight(torch.randn(k, k, device="cuda", dtype=torch.bfloat16))
     xq, xs = torch.ops.fp8fx.act_quant.default(x, 128, False)
     xs_cm = xs.t().contiguous().t()
@@ -98,7 +73,6 @@ def micro():
          lambda: lowering.rms_norm_quant_extern(x, r, w, eps, 0.0, False)),
         ("kernels.norm_quant.rms_norm_quant (wrapper)", lambda: norm_quant.rms_norm_quant(x, r, w, 1e-5)),
         ("Triton launch alone (outputs preallocated)", launch),
-        *([("static launcher (torch._inductor), same kernel", static_launch)] if static is not None else []),
         ("three torch.empty", lambda: (torch.empty(m, k, dtype=R.FP8_DTYPE, device="cuda"), norm_quant.scales_like(x),
                                        torch.empty_like(x))),
         ("eps.item() (CPU scalar)", lambda: eps.item()),
@@ -112,15 +86,20 @@ def micro():
 
 
 def profile_inner(layers: int, calls: int = 20, top: int = 40):
-    """cProfile of ``calls`` compiled fp8fx prefills issued behind a GPU sleep: per function,
-    microseconds per prefill (own time and cumulative) and calls per prefill."""
-    import cProfile
-    import pstats
-
+    """cProfile of ``calls`` compiled fp8fx prefills issued behind a GPU sleep (default and
+    fused_norm=False): per function, microseconds per prefill (own time and cumulative) and
+    calls per prefill."""
     model = _model(layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     fp8fx.quantize_(model)
-    fn = torch.compile(model, backend=fp8fx.backend, dynamic=True)
+    for label, be in [("fp8fx compiled", fp8fx.backend), ("fp8fx, fused_norm off", fp8fx.backend_with(fused_norm=False))]:
+        _profile_one(label, torch.compile(model, backend=be, dynamic=True), ids, layers, calls, top)
+
+
+def _profile_one(label, fn, ids, layers, calls, top):
+    import cProfile
+    import pstats
+
     with torch.inference_mode():
         for _ in range(3):
             fn(input_ids=ids, use_cache=False)
@@ -134,7 +113,7 @@ def profile_inner(layers: int, calls: int = 20, top: int = 40):
             torch.cuda.synchronize()
     stats = pstats.Stats(prof).stats
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    print(f"\nfp8fx compiled, {layers} layers: per prefill, us own / us cumulative / calls")
+    print(f"\n{label}, {layers} layers: per prefill, us own / us cumulative / calls")
     for (path, line, name), (cc, nc, tt, ct, _) in rows:
         print(f"{tt / calls * 1e6:9.1f} {ct / calls * 1e6:9.1f} {nc / calls:7.1f}  {path.split('/')[-1]}:{line}({name})")
 
