@@ -396,7 +396,7 @@ def _rms_norm_quant(*args):
 
 @functools.cache
 def register() -> None:
-    """Install the block_gemm lowering and, on CUDA, the fp8fx kernels (once per process)."""
+    """Install the lowerings of the GEMM and norm ops and, on CUDA, the fp8fx kernels (once per process)."""
     from torch._inductor.lowering import lowerings, register_lowering
 
     op = torch.ops.fp8fx.block_gemm.default
@@ -413,6 +413,4 @@ def register() -> None:
     if torch.ops.fp8fx.rms_norm_quant.default not in lowerings:
         register_lowering(torch.ops.fp8fx.rms_norm_quant.default, type_promotion_kind=None)(_rms_norm_quant)
     if torch.cuda.is_available():
-        from fp8fx import kernels
-
         kernels.register()
