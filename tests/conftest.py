@@ -119,6 +119,25 @@ def kernel_sources(code: str) -> dict[str, str]:
     return out
 
 
+def compile_post_grad(model, *args, kwargs=None, dynamic=True, **options):
+    """(model's output, the normalized post-grad graph fp8fx.backend_with(**options) compiles)
+    under fullgraph, ``dynamic`` shapes and no_grad; fresh Dynamo state and counters."""
+    from torch._dynamo.utils import counters
+
+    from fp8fx.backend import backend_with
+    from fp8fx.explain import format_graph, post_grad_backend
+
+    graphs: list = []
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        out = torch.compile(model, backend=post_grad_backend(backend_with(**options), graphs), fullgraph=True,
+                            dynamic=dynamic)(*args, **(kwargs or {}))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    return out, format_graph(graphs[0])
+
+
 INTERPRET_INNER = __import__("os").environ.get("FP8FX_INTERPRET_INNER") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET_INNER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 

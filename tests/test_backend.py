@@ -20,10 +20,10 @@ from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
 import fp8fx
-from conftest import heavy_tailed, rel_err
+from conftest import compile_post_grad, heavy_tailed, rel_err
 from fp8fx import BlockFP8Config, BlockFP8Tensor, reference as R
 from fp8fx.backend import Backend, backend, backend_with, last_report
-from fp8fx.explain import explain, format_graph, post_grad_backend
+from fp8fx.explain import explain, post_grad_backend
 from fp8fx.passes import PostGradPass
 from fp8fx.passes.linear import quantize_act_decomposed
 
@@ -100,14 +100,7 @@ def _llama_layer(quantize=True):
 def post_grad(model, *args, config=None, dynamic=True, quant_in_gemv=True, **kwargs) -> str:
     """The normalized post-grad graph fp8fx.backend would compile (fullgraph, dynamic unless
     ``dynamic=False``: the static shapes of a decode graph)."""
-    torch._dynamo.reset()
-    graphs: list = []
-    b = backend_with(config, quant_in_gemv=quant_in_gemv)
-    compiled = torch.compile(model, backend=post_grad_backend(b, graphs), fullgraph=True, dynamic=dynamic)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    assert len(graphs) == 1
-    return format_graph(graphs[0])
+    return compile_post_grad(model, *args, kwargs=kwargs, dynamic=dynamic, config=config, quant_in_gemv=quant_in_gemv)[1]
 
 
 @contextlib.contextmanager

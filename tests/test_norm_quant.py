@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import INTERPRET_INNER, check_norm_quant, heavy_tailed, interpreted, norm_inputs, rel_err, run_interpreted
+from conftest import (INTERPRET_INNER, check_norm_quant, compile_post_grad, heavy_tailed, interpreted, norm_inputs, rel_err,
+                      run_interpreted)
 from fp8fx import reference as R
 from fp8fx.backend import backend_with
-from fp8fx.explain import format_graph, post_grad_backend
 
 BF16 = torch.bfloat16
 
@@ -94,18 +94,6 @@ class NormReadTwice(ResidualNormProj):
         return self.proj(y), y
 
 
-def _post_grad(model, *args, kwargs=None, **options):
-    graphs = []
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        out = torch.compile(model, backend=post_grad_backend(backend_with(**options), graphs), fullgraph=True,
-                            dynamic=True)(*args, **(kwargs or {}))
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    return out, format_graph(graphs[0])
-
-
 def _model(cls, *args):
     import fp8fx
 
@@ -121,7 +109,7 @@ class TestRewrite(expecttest.TestCase):
     def test_residual_norm_proj(self):
         model = _model(ResidualNormProj)
         x, delta = heavy_tailed(5, 256, seed=1, outliers=False).to(BF16), heavy_tailed(5, 256, seed=2).to(BF16)
-        (y, h), g = _post_grad(model, x, delta, fused_norm=True)
+        (y, h), g = compile_post_grad(model, x, delta, fused_norm=True)
         self.assertExpectedInline(g, """\
 in0: f8e4m3[384, 256]
 in1: f32[3, 2]
@@ -145,7 +133,7 @@ return (v11, v10)""")
         model = _model(ResidualNormProj)
         x, delta = heavy_tailed(5, 256, seed=1).to(BF16), heavy_tailed(5, 256, seed=2).to(BF16)
         for options in ({}, {"fused_norm": False}, {"fused_norm": None}):
-            _, g = _post_grad(model, x, delta, **options)
+            _, g = compile_post_grad(model, x, delta, **options)
             assert "fp8fx.rms_norm_quant" not in g and "aten.amax" in g, options
             assert not counters["fp8fx"]["norm_quant"] and not counters["fp8fx"]["norm_quant_kept"], options
 
@@ -153,7 +141,7 @@ return (v11, v10)""")
 def test_norm_read_elsewhere_is_kept_and_reported():
     model = _model(NormReadTwice)
     x, delta = heavy_tailed(5, 256, seed=1).to(BF16), heavy_tailed(5, 256, seed=2).to(BF16)
-    (y, n), g = _post_grad(model, x, delta, fused_norm=True)
+    (y, n), g = compile_post_grad(model, x, delta, fused_norm=True)
     assert "fp8fx.rms_norm_quant" not in g and "aten.rsqrt" in g
     assert counters["fp8fx"]["norm_quant_kept"] == 1 and not counters["fp8fx"]["norm_quant"]
     y_ref, n_ref = model(x, delta)
@@ -185,7 +173,7 @@ def test_llama_layer_both_norms_fused_and_matches_eager():
     from test_backend import _llama_layer
 
     layer, h, kwargs = _llama_layer()
-    (out, g) = _post_grad(layer, h, kwargs=kwargs, fused_norm=True)
+    (out, g) = compile_post_grad(layer, h, kwargs=kwargs, fused_norm=True)
     # input_layernorm (no add before it in one layer) and post_attention_layernorm (after the
     # residual add, whose sum the layer's last add reads from the op)
     assert counters["fp8fx"]["norm_quant"] == 2 and counters["fp8fx"]["norm_quant_residual"] == 1

@@ -7,9 +7,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import INTERPRET_INNER, check_topk, heavy_tailed, interpreted, run_interpreted, topk_rows
-from fp8fx.backend import backend_with
-from fp8fx.explain import format_graph, post_grad_backend
+from conftest import INTERPRET_INNER, check_topk, compile_post_grad, heavy_tailed, interpreted, run_interpreted, topk_rows
 
 
 @pytest.mark.skipif(INTERPRET_INNER, reason="this is the launcher")
@@ -85,22 +83,10 @@ class Router(nn.Module):
         return (w / w.sum(-1, keepdim=True)).to(logits.dtype), ids
 
 
-def _post_grad(model, x, **options):
-    graphs = []
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        out = torch.compile(model, backend=post_grad_backend(backend_with(**options), graphs), fullgraph=True,
-                            dynamic=False)(x)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    return out, format_graph(graphs[0])
-
-
 class TestRewrite(expecttest.TestCase):
     def test_router_topk(self):
         x = heavy_tailed(3, 16, seed=1).to(torch.bfloat16)
-        (w, ids), g = _post_grad(Router(16, 4), x)
+        (w, ids), g = compile_post_grad(Router(16, 4), x, dynamic=False)
         self.assertExpectedInline(g, """\
 in0: bf16[3, 16]
 v1: f32[3, 16] = prims.convert_element_type(in0, f32)
@@ -124,11 +110,11 @@ return (v12, v9)""")
         x = heavy_tailed(3, 600, seed=2)
         for model, why in ((Router(600, 4), "600 columns"), (Router(16, 4, largest=False), "smallest")):
             xi = x[:, : model.experts]
-            (w, ids), g = _post_grad(model, xi)
+            (w, ids), g = compile_post_grad(model, xi, dynamic=False)
             assert "aten.topk" in g and "fp8fx.topk" not in g, why
             assert counters["fp8fx"]["topk_kept"] == 1 and counters["fp8fx"]["topk"] == 0, why
             assert torch.equal(ids, model(xi)[1])
-        _, g = _post_grad(Router(16, 4), x[:, :16], fused_topk=False)
+        _, g = compile_post_grad(Router(16, 4), x[:, :16], fused_topk=False, dynamic=False)
         assert "aten.topk" in g and not counters["fp8fx"]["topk_kept"]
 
 
