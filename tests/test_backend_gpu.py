@@ -162,25 +162,33 @@ def _llama_layer(tokens: int, seed: int):
     return layer, h, {"position_embeddings": (cos, sin), "attention_mask": None}
 
 
+def _compiled_layer(layer, h, kw, b, dynamic: bool):
+    """(the layer compiled with backend b, its output on h, eager fp8fx's output, the
+    generated code of the first compile), fullgraph, under no_grad."""
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(layer, backend=b, fullgraph=True, dynamic=dynamic)
+    with torch.no_grad():
+        y, codes = run_and_get_code(compiled, h, **kw)
+        expect = layer(h, **kw)
+    y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
+    return compiled, y, expect, codes[0]
+
+
 @pytest.mark.parametrize("quant_in_gemv", [True, False])
 def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
     """A Llama decoder layer at one token, compiled with static shapes: q/k/v and gate/up run
     as two gemv_cat launches (fp8fx_linear_cat, with o and down one each, quantizing in the
     kernel; or fp8fx_block_gemm_cat), the output matches eager fp8fx, and a CUDA graph of the
     compiled step replays to the same values."""
-    from torch._inductor.utils import run_and_get_code
-
     layer, h, kw = _llama_layer(tokens=1, seed=2)
-    compiled = torch.compile(layer, backend=backend_with(quant_in_gemv=quant_in_gemv), fullgraph=True, dynamic=False)
+    compiled, y, expect, code = _compiled_layer(layer, h, kw, backend_with(quant_in_gemv=quant_in_gemv), dynamic=False)
     with torch.no_grad():
-        y, codes = run_and_get_code(compiled, h, **kw)
-        expect = layer(h, **kw)
-        y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
-        body = codes[0][codes[0].index("def call(") :]
+        body = code[code.index("def call(") :]
         if quant_in_gemv:
             assert body.count("extern_kernels.fp8fx_linear_cat(") == 4, body
             assert counters["fp8fx"]["linear_cat_members"] == 7
-            assert "tl.float8" not in codes[0], codes[0]  # no Triton kernel quantizes
+            assert "tl.float8" not in code, code  # no Triton kernel quantizes
         else:
             assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
             assert counters["fp8fx"]["block_gemm_cat_members"] == 5
@@ -301,15 +309,8 @@ def test_prefill_layer_norms_fused(fused_norm):
     (fused_norm=None: CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the
     post-attention one with the residual add), so no Triton kernel writing fp8 codes
     computes an RMSNorm; the output matches eager fp8fx."""
-    from torch._inductor.utils import run_and_get_code
-
     layer, h, kw = _llama_layer(tokens=300, seed=5)
-    compiled = torch.compile(layer, backend=backend_with(fused_norm=fused_norm), fullgraph=True, dynamic=True)
-    with torch.no_grad():
-        y, codes = run_and_get_code(compiled, h, **kw)
-        expect = layer(h, **kw)
-    y, expect = (t[0] if isinstance(t, tuple) else t for t in (y, expect))
-    code = codes[0]
+    _, y, expect, code = _compiled_layer(layer, h, kw, backend_with(fused_norm=fused_norm), dynamic=True)
     fp8_writers = [src for name, src in kernel_sources(code).items() if "float8e4nv" in src]
     if fused_norm is None:
         assert code.count("extern_kernels.fp8fx_rms_norm_quant(") == 2  # the wrapper, not the dispatcher
