@@ -373,6 +373,108 @@ def test_gemv_cat(ns, cfg_name, scale_fmt):
         assert gemv_mod._TICKETS[x.device].count_nonzero().item() == 0
 
 
+def _prologue_ref(kind, x, r, nw, eps):
+    """The GEMM input of gemv_cat_rms_norm / gemv_cat_silu_mul in eager torch, and h."""
+    if kind == "silu":
+        return torch.nn.functional.silu(x) * r, None
+    h = x if r is None else x + r
+    return reference.rms_norm(h, nw, eps), h
+
+
+def _prologue_inputs(kind, m, k, seed):
+    from conftest import norm_inputs
+
+    x, r, nw = norm_inputs((m, k), torch.bfloat16, seed=seed, residual=kind != "norm", zero_rows=(1,))
+    if kind == "silu":  # gate and up as the two halves of one [M, 2K] GEMM output (strided rows)
+        gu = torch.cat([x, r], -1)
+        return gu[:, :k], gu[:, k:], None
+    return x, r, nw
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["norm", "norm_residual", "silu"])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "fma_n32_split2", "tma_n64_split2"])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+def test_gemv_cat_prologue_codes(kind, m, cfg_name, scale_fmt):
+    """The fused RMSNorm (with and without the residual add) and SiLU * up prologues quantize
+    what eager torch computes: through an identity weight the output is the dequantized
+    codes, bit-exact with the reference but where the norm's fp32 sum of squares (added in
+    another order) or the interpreter's exp moves a value across a rounding boundary; h
+    exactly. Rows of heavy-tailed values with outliers, row 1 zeros."""
+    from fp8fx.kernels.gemv import GemvConfig, gemv, gemv_cat_rms_norm, gemv_cat_silu_mul
+
+    if "fma" in cfg_name and m > 1:
+        pytest.skip("the FMA path is M = 1 only")
+    cfg = GemvConfig(**GEMV_CONFIGS[cfg_name])
+    k, ue8m0 = 384, scale_fmt == "ue8m0"
+    wq, ws = _identity_weight(k)
+    x, r, nw = _prologue_inputs(kind, m, k, seed=m + len(cfg_name))
+    if kind == "silu":
+        y = gemv_cat_silu_mul(x, r, [wq], [ws], config=cfg, act_ue8m0=ue8m0, out_dtype=torch.float32)
+        h = None
+    else:
+        y, h = gemv_cat_rms_norm(x, r, nw, 1e-5, [wq], [ws], config=cfg, act_ue8m0=ue8m0, out_dtype=torch.float32)
+    xin, h_ref = _prologue_ref(kind, x, r, nw, 1e-5)
+    q_ref, s_ref = reference.quantize_act(xin, 128, scale_fmt)
+    ref = reference.dequantize_act(q_ref, s_ref)
+    assert (y == ref).float().mean().item() >= 0.97, (y - ref).abs().max()
+    assert _rel(y, ref.double()) < 0.02 and _rel(y, xin.double()) < 0.04
+    if kind == "norm_residual":
+        assert torch.equal(h, h_ref)
+    elif kind == "norm":
+        assert h.numel() == 0
+    # The same launch through a real weight against the unfused input (gemv on eager's
+    # product): within fp8 resolution.
+    wq2, ws2 = _weight(144, k, scale_fmt, seed=3)
+    y2 = (gemv_cat_silu_mul(x, r, [wq2], [ws2], config=cfg, act_ue8m0=ue8m0, out_dtype=torch.float32) if kind == "silu"
+          else gemv_cat_rms_norm(x, r, nw, 1e-5, [wq2], [ws2], config=cfg, act_ue8m0=ue8m0, out_dtype=torch.float32)[0])
+    unfused = gemv(xin, None, wq2, ws2, None, torch.float32, config=cfg, act_ue8m0=ue8m0)
+    assert _rel(y2, unfused.double()) < 0.02
+
+
+@interpreted
+def test_gemv_cat_prologue_unfused_shapes_and_edges(monkeypatch):
+    """Where the prologue cannot be fused (3+ rows: 16 rows per program; PRE_QUANT off; a
+    row longer than NORM_MAX_ELEMS) the input is formed in torch first: same results as the
+    reference composition, h written. Several weights with biases; no rows; no weights."""
+    from fp8fx.kernels import gemv as gemv_mod
+    from fp8fx.kernels.gemv import GemvConfig, gemv_cat, gemv_cat_rms_norm, gemv_cat_silu_mul
+
+    cfg = GemvConfig(64, 4, 1, split_k=2)
+    k = 256
+    weights = [_weight(n, k, "float32", seed=n) for n in (144, 64)]
+    ws, ss = [w for w, _ in weights], [s for _, s in weights]
+    biases = [torch.randn(144), torch.randn(64)]
+    for m, pre, max_elems in ((3, True, 16384), (1, False, 16384), (2, True, 256), (1, True, 16384)):
+        monkeypatch.setattr(gemv_mod, "PRE_QUANT", pre)
+        monkeypatch.setattr(gemv_mod, "NORM_MAX_ELEMS", max_elems)
+        x, r, nw = _prologue_inputs("norm_residual", m, k, seed=m)
+        y, h = gemv_cat_rms_norm(x, r, nw, 1e-6, ws, ss, biases, config=cfg, out_dtype=torch.float32)
+        xin, h_ref = _prologue_ref("norm", x, r, nw, 1e-6)
+        assert torch.equal(h, h_ref)
+        assert _rel(y, gemv_cat(xin, None, ws, ss, biases, torch.float32, config=cfg).double()) < 0.02
+        g, u, _ = _prologue_inputs("silu", m, k, seed=m)
+        y = gemv_cat_silu_mul(g, u, ws, ss, biases, config=cfg)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 208)
+        xin, _ = _prologue_ref("silu", g, u, None, 0.0)
+        assert _rel(y, gemv_cat(xin, None, ws, ss, biases, torch.float32, config=cfg).double()) < 0.02
+    x, r, nw = _prologue_inputs("norm_residual", 2, k, seed=9)
+    y, h = gemv_cat_rms_norm(x[:0], r[:0], nw, 1e-6, ws, ss)
+    assert y.shape == (0, 208) and h.shape == (0, k)
+    empty_w, empty_s = _weight(0, k, "float32", seed=1)
+    y, h = gemv_cat_rms_norm(x, r, nw, 1e-6, [empty_w], [empty_s])
+    assert y.shape == (2, 0) and torch.equal(h, x + r)
+    with pytest.raises(ValueError, match="residual must match x"):
+        gemv_cat_rms_norm(x, r[:1], nw, 1e-6, ws, ss)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        gemv_cat_rms_norm(x, r, nw.float(), 1e-6, ws, ss)
+    with pytest.raises(TypeError, match="bf16/fp16"):
+        gemv_cat_silu_mul(x.float(), r.float(), ws, ss)
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        gemv_cat_silu_mul(x, r, ws * 2, ss * 2)
+
+
 @interpreted
 def test_gemv_tma_route_and_fallback(monkeypatch):
     """tma configs load weight tiles through descriptors where TMA can address the weight

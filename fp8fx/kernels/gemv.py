@@ -62,9 +62,11 @@ from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_gri
 from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 from fp8fx.kernels.host import cdiv, next_power_of_2
+from fp8fx.kernels.norm_quant import _to_dtype
+from triton.language.extra import libdevice
 
 __all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
-           "grouped_block_m", "grouped_gemv", "pick_split"]
+           "gemv_cat_rms_norm", "gemv_cat_silu_mul", "grouped_block_m", "grouped_gemv", "pick_split"]
 
 BLOCK_K = 128  # = the weight and activation scale granularity along K
 DOT_COLS = 16  # tl.dot's smallest N
@@ -148,6 +150,62 @@ def _grid_dependency(WAIT: tl.constexpr):
 
 
 @triton.jit
+def _row_rsqrt(x_ptr, r_ptr, row0, row_end, K, eps, stride_xm, stride_rm, HAS_RES: tl.constexpr,
+               EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, KB_ALL: tl.constexpr, BLOCK_K: tl.constexpr):
+    # rsqrt(mean(h**2) + eps) of each of the BM rows, h = x (+ r) rounded to x's dtype: the
+    # whole row as a [BM * KB_ALL, BK] tile (one load per operand), as kernels/norm_quant.
+    full = tl.arange(0, BLOCK_M * KB_ALL)
+    f_m = row0 + full // KB_ALL
+    f_k = (full % KB_ALL)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    f_mask = (f_m < row_end)[:, None] & (f_k < K)
+    h = tl.load(x_ptr + f_m[:, None].to(tl.int64) * stride_xm + f_k, mask=f_mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + f_m[:, None].to(tl.int64) * stride_rm + f_k, mask=f_mask, other=0.0)
+        h = _to_dtype(h.to(tl.float32) + r.to(tl.float32), h.dtype, EXACT_CAST)
+    hf = h.to(tl.float32)
+    var = tl.sum(tl.reshape(tl.sum(hf * hf, axis=1), (BLOCK_M, KB_ALL)), axis=1) / K
+    if EXACT_CAST:  # the interpreter has no libdevice
+        return tl.math.rsqrt(var + eps)
+    return libdevice.rsqrt(var + eps)  # as Inductor and torch.rsqrt on CUDA
+
+
+@triton.jit
+def _prologue(x, x_ptr, r_ptr, nw_ptr, h_ptr, pre_m, pre_k, pre_mask, pid_n, row0, row_end, K, eps,
+              stride_xm, stride_rm, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, EXACT_CAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, KB_ALL: tl.constexpr, KB_PRE: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x [BM * KB_PRE, BK]: the program's K range of its rows of x_ptr, as loaded. Returns
+    # the fp32 values the GEMM quantizes, rounded to x's dtype after each op as eager torch:
+    #   PROLOGUE 1: w * (h.float() * rsqrt(mean(h.float()**2) + eps)).to(dtype), h = x (+ r)
+    #               (transformers' RMSNorm); with r, the first N tile's programs store h
+    #   PROLOGUE 2: silu(x) * r (the SwiGLU product; x the gate, r the up projection)
+    dtype = x.dtype
+    if PROLOGUE == 1:
+        inv = _row_rsqrt(x_ptr, r_ptr, row0, row_end, K, eps, stride_xm, stride_rm, HAS_RES, EXACT_CAST,
+                         BLOCK_M, KB_ALL, BLOCK_K)
+        # each pre row's factor: inv[(pre_m - row0)] through a [BM * KB_PRE, BM] select
+        sel = (pre_m - row0)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        inv_pre = tl.sum(tl.where(sel, inv[None, :], 0.0), axis=1)
+        if HAS_RES:
+            r = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
+            x = _to_dtype(x.to(tl.float32) + r.to(tl.float32), dtype, EXACT_CAST)
+            if pid_n == 0:
+                tl.store(h_ptr + pre_m[:, None].to(tl.int64) * K + pre_k, x, mask=pre_mask)
+        n = _to_dtype(x.to(tl.float32) * inv_pre[:, None], dtype, EXACT_CAST)
+        w = tl.load(nw_ptr + pre_k, mask=pre_k < K, other=0.0)
+        x = _to_dtype(w.to(tl.float32) * n.to(tl.float32), dtype, EXACT_CAST)
+    else:
+        u = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
+        g = x.to(tl.float32)
+        if EXACT_CAST:
+            e = tl.exp(-g)
+        else:
+            e = libdevice.exp(-g)  # expf, as torch's silu on CUDA
+        act = _to_dtype(tl.math.div_rn(g, e + 1.0), dtype, EXACT_CAST)
+        x = _to_dtype(act.to(tl.float32) * u.to(tl.float32), dtype, EXACT_CAST)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
     # acc[BN, C] fp32; column c is token tok[c] (stored where col_ok[c]).
     if HAS_BIAS:
@@ -160,19 +218,19 @@ def _store_tile(acc, tok, col_ok, offs_n, n_ok, bias_ptr, y_ptr, stride_ym, HAS_
 def _gemv_kernel(
     # pointers
     x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, part_ptr, ticket_ptr, offs_ptr,
-    w1_ptr, sw1_ptr, bias1_ptr, w2_ptr, sw2_ptr, bias2_ptr, xq_ptr, sxq_ptr,
-    # shapes
-    M, N, K, KB_PER_SPLIT, SPLIT_K, E, N_A, N_B,
+    w1_ptr, sw1_ptr, bias1_ptr, w2_ptr, sw2_ptr, bias2_ptr, xq_ptr, sxq_ptr, r_ptr, nw_ptr, h_ptr,
+    # shapes and scalars
+    M, N, K, KB_PER_SPLIT, SPLIT_K, E, N_A, N_B, eps,
     # strides
     stride_xm, stride_sxm, stride_sxk, stride_we, stride_wn, stride_swe, stride_swn, stride_swk,
-    stride_ym, stride_ps,
+    stride_ym, stride_ps, stride_rm,
     # meta-parameters
     X_FP8: tl.constexpr, STATIC_ACT: tl.constexpr, ACT_UE8M0: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, EXACT_CAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
     KB_ITER: tl.constexpr, W_DOUBLE_BUFFER: tl.constexpr, GROUPED: tl.constexpr, E_POW2: tl.constexpr,
     ROW_IDS: tl.constexpr, ROW_DIV: tl.constexpr, NUM_W: tl.constexpr, W_TMA: tl.constexpr,
-    X_PRE: tl.constexpr, KB_PRE: tl.constexpr,
+    X_PRE: tl.constexpr, KB_PRE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, KB_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -278,6 +336,9 @@ def _gemv_kernel(
         pre_k = pre_kb[:, None] * BLOCK_K + offs_k[None, :]
         pre_mask = pre_ok[:, None] & (pre_k < K)
         x_pre = tl.load(x_ptr + pre_m[:, None].to(tl.int64) * stride_xm + pre_k, mask=pre_mask, other=0.0)
+        if PROLOGUE:
+            x_pre = _prologue(x_pre, x_ptr, r_ptr, nw_ptr, h_ptr, pre_m, pre_k, pre_mask, pid_n, row0, row_end, K, eps,
+                              stride_xm, stride_rm, PROLOGUE, HAS_RES, EXACT_CAST, BLOCK_M, KB_ALL, KB_PRE, BLOCK_K)
         x_pre = x_pre.to(tl.float32)
         s_pre = group_scale(x_pre, ACT_UE8M0)
         tl.store(xq_ptr + pre_m[:, None].to(tl.int64) * K + pre_k, _quantize_rows(x_pre, s_pre, ACT_UE8M0, EXACT_CAST),
@@ -464,7 +525,91 @@ def gemv_cat(
     return _gemv("gemv_cat", x, sx, ws, sws, biases, out_dtype, config, act_ue8m0)
 
 
-def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.Tensor:
+# The fused prologues hold a program's rows in registers: RMSNorm needs whole rows (BM x K
+# values, BM <= 2), so hidden sizes up to this many elements per program are fused.
+NORM_MAX_ELEMS = 16384
+
+
+def _check_cat_lists(name, ws, sws, biases):
+    biases = [None] * len(ws) if biases is None else list(biases)
+    if not 1 <= len(ws) <= MAX_CAT or len(sws) != len(ws) or len(biases) != len(ws):
+        raise ValueError(f"fp8fx {name}: 1 to {MAX_CAT} weights with one scale and one bias entry each, "
+                         f"got {len(ws)}, {len(sws)} and {len(biases)}")
+    if len({b is None for b in biases}) > 1:
+        raise ValueError(f"fp8fx {name}: give a bias for every weight or for none")
+    if len({sw.dtype for sw in sws}) > 1:
+        raise TypeError(f"fp8fx {name}: the weight scales must share one dtype, got {[sw.dtype for sw in sws]}")
+    return biases
+
+
+def _check_pair(name, x, other, what):
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2:
+        raise TypeError(f"fp8fx {name}: x must be a bf16/fp16 [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    if other is not None and (other.shape != x.shape or other.dtype != x.dtype or other.device != x.device):
+        raise ValueError(f"fp8fx {name}: {what} must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
+                         f"got {other.dtype} {tuple(other.shape)} on {other.device}")
+
+
+def gemv_cat_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    ws: list[torch.Tensor],
+    sws: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemv_cat(rms_norm(h), ...), h) with h = x (+ residual), x[M, K] bf16/fp16, in one
+    launch: each program normalizes its rows (transformers' RMSNorm: fp32 sum of squares of
+    the whole row, cast back to x's dtype, times norm_weight[K] in that dtype) before
+    quantizing its K range; the first N tile's programs store h. h is an empty tensor
+    without a residual; y is in ``out_dtype`` (default x's). Shapes the fused prologue cannot take (more than 2 rows per
+    program, rows over NORM_MAX_ELEMS, PRE_QUANT off) normalize first, in torch."""
+    biases = _check_cat_lists("gemv_cat_rms_norm", ws, sws, biases)
+    _check_pair("gemv_cat_rms_norm", x, residual, "residual")
+    if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"fp8fx gemv_cat_rms_norm: norm_weight must be {x.dtype} ({x.shape[1]},), "
+                         f"got {norm_weight.dtype} {tuple(norm_weight.shape)}")
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(0)
+    prologue = (1, residual, norm_weight.contiguous(), h, float(eps))
+    y = _gemv("gemv_cat_rms_norm", x, None, ws, sws, biases, out_dtype or x.dtype, config, act_ue8m0, prologue)
+    return y, h
+
+
+def gemv_cat_silu_mul(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    ws: list[torch.Tensor],
+    sws: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+    config: GemvConfig | None = None,
+    act_ue8m0: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """gemv_cat(silu(gate) * up, ...) in one launch, gate and up [M, K] bf16/fp16 (any row
+    strides, e.g. the two halves of a gate/up GEMM's output): each program computes its
+    K range of the product, rounded to the inputs' dtype after the SiLU and after the
+    product as eager torch, before quantizing it. Where the fused prologue cannot run, the
+    product is formed first, in torch."""
+    biases = _check_cat_lists("gemv_cat_silu_mul", ws, sws, biases)
+    _check_pair("gemv_cat_silu_mul", gate, up, "up")
+    return _gemv("gemv_cat_silu_mul", gate, None, ws, sws, biases, out_dtype or gate.dtype, config, act_ue8m0,
+                 (2, up, None, None, 0.0))
+
+
+def _unfused_prologue(x, prologue):
+    """The prologue's GEMM input in torch (shapes the kernel's prologue does not take)."""
+    kind, r, nw, h, eps = prologue
+    if kind == 1:
+        hh = x if r is None else h.copy_(x + r)
+        return reference.rms_norm(hh, nw, eps)
+    return torch.nn.functional.silu(x) * r
+
+
+def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=None) -> torch.Tensor:
     from fp8fx.kernels import dispatch  # the measured config per shape lives there
 
     # (1) check
@@ -497,6 +642,10 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.T
 
     # (2) allocate
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if prologue is not None and prologue[1] is not None:
+        prologue = (*prologue[:1], prologue[1] if prologue[1].stride(-1) == 1 else prologue[1].contiguous(), *prologue[2:])
+        if m == 0 or n == 0 or k == 0:  # no launch: h (gemv_cat_rms_norm) is still written
+            _unfused_prologue(x, prologue)
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -512,19 +661,35 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0) -> torch.T
     if not use_dot:
         block_m = 1
     split = pick_split(m, n, k, cfg, num_sms(x.device))
+    if prologue is not None and not (_pre_quant(block_m, n_kb, split, dense=True)
+                                     and (prologue[0] != 1 or block_m * next_power_of_2(n_kb) * BLOCK_K <= NORM_MAX_ELEMS)):
+        x, prologue = _unfused_prologue(x, prologue), None
     (w, sw_t, bias), more = parts[0], parts[1:]
     _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, cdiv(m, block_m),
-            use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0, more=more)
+            use_dot=use_dot, x_fp8=x_fp8, static=static and not x_fp8, act_ue8m0=act_ue8m0, e8m0=e8m0, more=more,
+            prologue=prologue)
     return out
 
 
+def _pre_quant(block_m: int, n_kb: int, split: int, dense: bool) -> bool:
+    """Whether the kernel quantizes each program's whole K range before the K loop (X_PRE):
+    PRE_QUANT, dense weights with dynamic scales of high-precision x (``dense``), 1-2 rows
+    per program and at most 32 (row, K block) groups (registers). H200, in a compiled decode
+    step: Llama-3-8B at M = 1, the layer's four GEMMs 83.7 -> 78.5 us; Qwen3-MoE attention at
+    M = 16 (16 rows x 2 K blocks) slower (0.694 -> 0.726 ms per 2-layer step), hence the row
+    bound."""
+    return PRE_QUANT and dense and block_m <= 2 and block_m * next_power_of_2(cdiv(n_kb, split)) <= 32
+
+
 def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_m, *, use_dot, x_fp8, static,
-            act_ue8m0, e8m0, offs=None, row_ids=False, more=()):
+            act_ue8m0, e8m0, offs=None, row_ids=False, more=(), prologue=None):
     """One _gemv_kernel launch; w [N, K] / sw_t [nN, nK], or with ``offs`` [E] (grouped)
     w [E, N, K] / sw_t [E, nN, nK] and ``tiles_m`` the grid's row-tile bound; ``row_ids``:
     ``offs`` is instead each output row's expert id (out has M rows, x M / ROW_DIV).
     ``more``: up to two further (w, sw_t, bias) of dense weights (gemv_cat), with the same
-    strides as w / sw_t, whose outputs follow w's in out's columns."""
+    strides as w / sw_t, whose outputs follow w's in out's columns. ``prologue``: (kind, r,
+    norm weight, h, eps) of gemv_cat_rms_norm (kind 1) or gemv_cat_silu_mul (kind 2); the
+    caller checked that the launch quantizes before the loop (_pre_quant)."""
     m, k = out.shape[0], x.shape[1]
     n = out.shape[1]
     grouped = offs is not None
@@ -537,13 +702,11 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         tickets = _tickets(x.device, tiles_m * tiles_n)
     else:
         part, tickets = out, out  # unused
-    # Quantize the program's whole K range before the K loop (PRE_QUANT): dense weights,
-    # dynamic scales, 1-2 rows per program and at most 32 (row, K block) groups (registers).
-    # H200, in a compiled decode step: Llama-3-8B at M = 1, the layer's four GEMMs 83.7 ->
-    # 78.5 us; Qwen3-MoE attention at M = 16 (16 rows x 2 K blocks) slower (0.694 -> 0.726 ms
-    # per 2-layer step), hence the row bound.
     kb_pre = next_power_of_2(per_split)
-    pre = PRE_QUANT and not (x_fp8 or static or grouped or row_ids) and block_m <= 2 and block_m * kb_pre <= 32
+    pre = _pre_quant(block_m, n_kb, split, dense=not (x_fp8 or static or grouped or row_ids))
+    kind, r, nw, h, eps = prologue or (0, None, None, None, 0.0)
+    if kind and not pre:
+        raise AssertionError("fp8fx gemv: a fused prologue needs the quantization before the K loop")
     if pre:
         xq_s = torch.empty(m, k, dtype=reference.FP8_DTYPE, device=x.device)
         sx_s = torch.empty(m, n_kb, dtype=torch.float32, device=x.device)
@@ -566,10 +729,11 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
     _gemv_kernel[(tiles_n, split, tiles_m)](
         x, sx_t, wa, sw_t, bias if bias is not None else out, out, part, tickets, offs if grouped else out,
         wb, sw1, b1 if b1 is not None else out, wc, sw2, b2 if b2 is not None else out, xq_s, sx_s,
+        x if r is None else r, x if nw is None else nw, x if h is None or h.numel() == 0 else h,
         m, n, k, per_split, split, w.shape[0] if grouped else 0,
-        w.shape[-2], w1.shape[-2] if more else 0,
+        w.shape[-2], w1.shape[-2] if more else 0, eps,
         x.stride(0), sx_strides[0], sx_strides[1], we, w.stride(-2), swe, sw_t.stride(-2), sw_t.stride(-1),
-        out.stride(0), part.stride(0) if split > 1 else 0,
+        out.stride(0), part.stride(0) if split > 1 else 0, 0 if r is None else r.stride(0),
         X_FP8=x_fp8, STATIC_ACT=static, ACT_UE8M0=act_ue8m0,
         W_SCALE_E8M0=e8m0, HAS_BIAS=bias is not None, SPLIT=split > 1,
         USE_DOT=use_dot, EXACT_CAST=interpreting(),
@@ -577,7 +741,8 @@ def _launch(x, sx_t, sx_strides, w, sw_t, bias, out, cfg, split, block_m, tiles_
         KB_ITER=cfg.kb_iter if use_dot else 1, W_DOUBLE_BUFFER=not use_dot and cfg.kb_iter > 1,
         GROUPED=grouped and not row_ids, E_POW2=next_power_of_2(w.shape[0] + 1) if grouped else 1,
         ROW_IDS=row_ids, ROW_DIV=m // x.shape[0] if row_ids else 1, NUM_W=1 + len(more), W_TMA=tma,
-        X_PRE=pre, KB_PRE=kb_pre if pre else 1,
+        X_PRE=pre, KB_PRE=kb_pre if pre else 1, PROLOGUE=kind, HAS_RES=kind == 1 and r is not None,
+        KB_ALL=next_power_of_2(n_kb) if kind == 1 else 1,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, COLS=DOT_COLS if use_dot else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
