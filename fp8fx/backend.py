@@ -67,6 +67,11 @@ class Backend:
             default): on CUDA graphs; True: on every device (the CPU runs the reference);
             False: off. Same fp8 codes but where the fp32 sum of squares, added in another
             order, moves a normalized value across a rounding boundary.
+        gemv_prologue: at decode (1-2 tokens, the gemv route), an RMSNorm (with the residual
+            add before it) or a SwiGLU product silu(gate) * up that feeds a GEMM is computed
+            in the gemv's prologue, before it quantizes, instead of in a kernel of its own.
+            None (the default): on CUDA graphs; True: on every device (the CPU runs the
+            reference); False: off. Numerics as fused_norm's.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -78,6 +83,7 @@ class Backend:
     quant_in_gemv: bool = True
     fused_topk: bool = True
     fused_norm: Optional[bool] = None
+    gemv_prologue: Optional[bool] = None
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -99,7 +105,8 @@ class Backend:
         if self.cudagraphs is not None:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
-        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk, self.fused_norm)
+        patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk, self.fused_norm,
+                                                              self.gemv_prologue)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -157,6 +164,7 @@ def backend_with(
     quant_in_gemv: bool = True,
     fused_topk: bool = True,
     fused_norm: Optional[bool] = None,
+    gemv_prologue: Optional[bool] = None,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 
@@ -165,7 +173,7 @@ def backend_with(
     """
     return Backend(
         config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics,
-        quant_in_gemv, fused_topk, fused_norm,
+        quant_in_gemv, fused_topk, fused_norm, gemv_prologue,
     )
 
 

@@ -35,6 +35,13 @@ Legend: T tokens, N out_features, K in_features, E experts.
                                         quantized per 1 x 128 group; s column-major over the
                                         rows; h empty without a residual (on CUDA one
                                         Triton launch, kernels.norm_quant)
+    fp8fx::rms_norm_linear_cat(x[..., K], residual[..., K]?, weight[K], eps_tensor[]?, eps, qweights,
+        wscales, biases, block_size) -> (y[..., sum N_i], h[..., K])
+                                        linear_cat of transformers' RMSNorm of h = x (+ residual);
+                                        h empty without a residual (decode: on CUDA one gemv
+                                        launch that normalizes, quantizes and multiplies)
+    fp8fx::silu_mul_linear_cat(gate[..., K], up[..., K], qweights, wscales, biases, block_size)
+        -> y[..., sum N_i]              linear_cat of silu(gate) * up (decode: one gemv launch)
     fp8fx::topk(x[..., C], k) -> (values[..., k], indices[..., k] int64)
                                         torch.topk(x, k, dim=-1): the k largest, largest
                                         first (MoE routing; on CUDA one Triton launch for
@@ -52,7 +59,7 @@ from torch import Tensor
 from fp8fx import reference
 
 __all__ = ["linear", "act_quant", "block_gemm", "block_gemm_cat", "linear_cat", "grouped_linear", "expert_linear", "grouped_linear_masked",
-           "rms_norm_quant", "topk"]
+           "rms_norm_quant", "rms_norm_linear_cat", "silu_mul_linear_cat", "topk"]
 
 _SCALE_DTYPES = (torch.float32, reference.E8M0_DTYPE)
 
@@ -455,6 +462,68 @@ def _(x, residual, weight, eps_tensor, eps, ue8m0):
 
 
 rms_norm_quant = torch.ops.fp8fx.rms_norm_quant
+
+
+# The decode GEMMs with their producer in the gemv's prologue (passes/prologue.py): plain
+# library definitions as rms_norm_quant's.
+_LIB.define(
+    "rms_norm_linear_cat(Tensor x, Tensor? residual, Tensor weight, Tensor? eps_tensor, float eps, Tensor[] qweights,"
+    " Tensor[] wscales, Tensor?[] biases, int[] block_size) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "silu_mul_linear_cat(Tensor gate, Tensor up, Tensor[] qweights, Tensor[] wscales, Tensor?[] biases,"
+    " int[] block_size) -> Tensor"
+)
+
+
+def check_rms_norm_linear_cat_args(x, residual, weight, eps_tensor, qweights, wscales, biases, block_size) -> None:
+    check_rms_norm_quant_args(x, residual, weight, eps_tensor)
+    check_linear_cat_args(x, qweights, wscales, biases, block_size)
+
+
+def check_silu_mul_linear_cat_args(gate, up, qweights, wscales, biases, block_size) -> None:
+    if gate.dtype not in (torch.bfloat16, torch.float16) or up.shape != gate.shape or up.dtype != gate.dtype:
+        raise TypeError(f"fp8fx: silu_mul_linear_cat needs bf16/fp16 gate and up of one shape and dtype, got "
+                        f"{gate.dtype} {tuple(gate.shape)} and {up.dtype} {tuple(up.shape)}")
+    check_linear_cat_args(gate, qweights, wscales, biases, block_size)
+    _check_same_device(gate=gate, up=up)
+
+
+def _rms_norm_linear_cat(x, residual, weight, eps_tensor, eps, qweights, wscales, biases, block_size):
+    check_rms_norm_linear_cat_args(x, residual, weight, eps_tensor, qweights, wscales, biases, block_size)
+    eps_value = float(eps_tensor) if eps_tensor is not None else eps
+    if x.is_cuda and _cuda("rms_norm_linear_cat"):
+        return _cuda("rms_norm_linear_cat")(x, residual, weight, eps_value, qweights, wscales, biases, block_size)
+    y, h = reference.rms_norm_linear_cat(x, residual, weight, eps_value, qweights, wscales, biases, tuple(block_size))
+    return y, h.contiguous() if residual is not None else x.new_empty(0)
+
+
+def _silu_mul_linear_cat(gate, up, qweights, wscales, biases, block_size):
+    check_silu_mul_linear_cat_args(gate, up, qweights, wscales, biases, block_size)
+    if gate.is_cuda and _cuda("silu_mul_linear_cat"):
+        return _cuda("silu_mul_linear_cat")(gate, up, qweights, wscales, biases, block_size)
+    return reference.silu_mul_linear_cat(gate, up, qweights, wscales, biases, tuple(block_size))
+
+
+_LIB.impl("rms_norm_linear_cat", _rms_norm_linear_cat, "CompositeExplicitAutograd")
+_LIB.impl("silu_mul_linear_cat", _silu_mul_linear_cat, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fp8fx::rms_norm_linear_cat")
+def _(x, residual, weight, eps_tensor, eps, qweights, wscales, biases, block_size):
+    check_rms_norm_linear_cat_args(x, residual, weight, eps_tensor, qweights, wscales, biases, block_size)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in qweights)), h
+
+
+@torch.library.register_fake("fp8fx::silu_mul_linear_cat")
+def _(gate, up, qweights, wscales, biases, block_size):
+    check_silu_mul_linear_cat_args(gate, up, qweights, wscales, biases, block_size)
+    return gate.new_empty(*gate.shape[:-1], sum(w.shape[0] for w in qweights))
+
+
+rms_norm_linear_cat = torch.ops.fp8fx.rms_norm_linear_cat
+silu_mul_linear_cat = torch.ops.fp8fx.silu_mul_linear_cat
 
 
 def _check_topk(x: Tensor, k: int) -> None:

@@ -277,6 +277,33 @@ def linear_cat(
     return block_gemm_cat(xq, xs, qweights, wscales, biases, block_size, x.dtype)
 
 
+def rms_norm_linear_cat(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    qweights: list[torch.Tensor],
+    wscales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    block_size: tuple[int, int] = (128, 128),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x (+ residual); (linear_cat(rms_norm(h, weight, eps), ...), h)."""
+    h = x if residual is None else x + residual
+    return linear_cat(rms_norm(h, weight, eps), qweights, wscales, biases, block_size), h
+
+
+def silu_mul_linear_cat(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    qweights: list[torch.Tensor],
+    wscales: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    block_size: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
+    """linear_cat(silu(gate) * up, ...): the SwiGLU product (in gate's dtype) into the GEMMs."""
+    return linear_cat(torch.nn.functional.silu(gate) * up, qweights, wscales, biases, block_size)
+
+
 def grouped_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,

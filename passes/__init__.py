@@ -3,6 +3,8 @@
     linear.py    fp8fx.linear -> aten act-quant (fused by Inductor) + fp8fx.block_gemm
     lowering.py  Inductor lowering of fp8fx.block_gemm (extern kernel choice)
     norm_quant.py  RMSNorm (+ residual add) feeding an act_quant -> fp8fx.rms_norm_quant
+    prologue.py  decode: RMSNorm (+ residual add) or silu(g) * u feeding a linear_cat -> one
+                 gemv launch with the producer in its prologue
     moe.py       (Dynamo graph, from the backend's weight freeze) MoE expert GEMMs on bf16
                  3-D expert weights -> fp8fx.grouped_linear on frozen fp8 constants
     topk.py      aten.topk over short rows (MoE routing) -> fp8fx.topk (one launch on CUDA)
@@ -47,21 +49,23 @@ class PostGradPass(CustomGraphPass):
     ``fused_topk``: top-k over short rows (MoE routing) becomes fp8fx.topk (passes/topk.py).
     ``fused_norm``: an RMSNorm feeding a quantization becomes fp8fx.rms_norm_quant
     (passes/norm_quant.py): None (the default) on CUDA tensors only, True on every device
-    (CPU: the reference), False never.
+    (CPU: the reference), False never. ``gemv_prologue`` (same values): a decode RMSNorm or
+    SwiGLU product feeding a linear_cat moves into the gemv's prologue (passes/prologue.py).
     """
 
     def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True,
-                 fused_norm: Optional[bool] = None):
+                 fused_norm: Optional[bool] = None, gemv_prologue: Optional[bool] = None):
         self.config = config
         self.quant_in_gemv = quant_in_gemv
         self.fused_topk = fused_topk
         self.fused_norm = fused_norm
+        self.gemv_prologue = gemv_prologue
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from fp8fx.passes import linear, topk
 
-        norm_devices = {None: ("cuda",), True: ("cuda", "cpu"), False: ()}[self.fused_norm]
-        linear.rewrite(graph, self.quant_in_gemv, norm_devices)
+        devices = {None: ("cuda",), True: ("cuda", "cpu"), False: ()}
+        linear.rewrite(graph, self.quant_in_gemv, devices[self.fused_norm], devices[self.gemv_prologue])
         if self.fused_topk:
             topk.rewrite(graph)
 
@@ -69,5 +73,6 @@ class PostGradPass(CustomGraphPass):
         from fp8fx.kernels import dispatch
 
         # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
-        extra = f"{self.config!r} {self.quant_in_gemv} {self.fused_topk} {self.fused_norm} {dispatch.get_preference()}"
+        extra = f"{self.config!r} {self.quant_in_gemv} {self.fused_topk} {self.fused_norm} {self.gemv_prologue} "
+        extra += dispatch.get_preference()
         return get_hash_for_files(_sources(), extra=extra)

@@ -21,6 +21,8 @@
     xq   = (x.float() / s).clamp(-448, 448).to(float8_e4m3fn)
     # static: xq = (x.float() / act_scale).clamp(-448, 448).to(float8_e4m3fn); s = act_scale
     y = fp8fx.block_gemm(xq, s, qweight, wscale, bias?, block, x.dtype)
+    (6) prologues:  decode: the RMSNorm (+ residual add) or silu(g) * u feeding a linear_cat
+                    -> one gemv launch with the producer in its prologue (passes/prologue.py)
 
 The quantization is plain aten pointwise/reduction ops, so Inductor's scheduler fuses it
 into the kernel that produces x (RMSNorm, SiLU * mul, residual add, a cast) and no
@@ -281,11 +283,13 @@ def decompose_patterns() -> PatternMatcherPass:
     return pass_dict
 
 
-def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tuple[str, ...] = ()) -> None:
+def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tuple[str, ...] = (),
+            prologue_devices: tuple[str, ...] = ()) -> None:
     """The whole linear rewrite: split, share quantizations of one input, group the decode
     GEMMs of one input (quantizing in the gemv: ``group_gemms``), fuse RMSNorms into the
     quantizations they feed on ``norm_devices`` (passes/norm_quant.py), decompose the
-    quantizations left."""
+    quantizations left, then move the RMSNorm or SwiGLU producers of the grouped decode
+    GEMMs into the gemv on ``prologue_devices`` (passes/prologue.py)."""
     split_linear(graph)
     share_act_quant(graph)
     group_gemms(graph, quant_in_gemv)
@@ -295,3 +299,8 @@ def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tup
         norm_quant.rewrite(graph, norm_devices)
     decompose_patterns().apply(graph)
     graph.eliminate_dead_code()
+    if prologue_devices:  # after the dead quantizations are gone: it counts each producer's readers
+        from fp8fx.passes import prologue
+
+        prologue.rewrite(graph, prologue_devices)
+        graph.eliminate_dead_code()

@@ -26,6 +26,8 @@ fp8fx.block_gemm_cat (several weights on one input, decode; passes/linear.py) lo
 extern, ``fp8fx_block_gemm_cat``: a single gemv_cat launch on CUDA, the reference on CPU.
 fp8fx.linear_cat (one or more weights on one high-precision input, decode) lowers to the
 extern ``fp8fx_linear_cat``: a single gemv_cat launch that quantizes x in the kernel.
+fp8fx.rms_norm_quant, fp8fx.rms_norm_linear_cat and fp8fx.silu_mul_linear_cat lower to
+Inductor's fallback calling ``extern_kernels.fp8fx_<op>``: the kernel wrapper, directly.
 
 Counters (torch._dynamo.utils.counters["fp8fx"]): block_gemm_lowered,
 block_gemm_template_default, block_gemm_cublas_default, block_gemm_autotuned,
@@ -43,7 +45,8 @@ from torch._dynamo.utils import counters
 
 from fp8fx import kernels
 
-__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "linear_cat_extern", "rms_norm_quant_extern", "template_configs"]
+__all__ = ["register", "block_gemm_extern", "block_gemm_cat_extern", "linear_cat_extern", "rms_norm_quant_extern",
+           "rms_norm_linear_cat_extern", "silu_mul_linear_cat_extern", "template_configs"]
 
 _BLOCK = [128, 128]
 log = logging.getLogger(__name__)
@@ -363,7 +366,7 @@ def rms_norm_quant_extern(x, residual, weight, eps_tensor, eps, ue8m0):
     """What a compiled graph calls for fp8fx::rms_norm_quant: on CUDA, the kernel's wrapper
     itself, without the dispatcher and the argument checks the op's fake already made at
     trace time (a compiled prefill makes this call for every fused RMSNorm, on the host's
-    critical path; see ``_rms_norm_quant``); elsewhere the op."""
+    critical path; see ``_fallback_to_extern``); elsewhere the op."""
     if not x.is_cuda:
         return torch.ops.fp8fx.rms_norm_quant.default(x, residual, weight, eps_tensor, eps, ue8m0)
     from fp8fx.kernels import norm_quant
@@ -378,20 +381,56 @@ def _norm_extern_choice():
     return ExternKernelChoice(rms_norm_quant_extern, name="fp8fx_rms_norm_quant", has_out_variant=False)
 
 
-def _rms_norm_quant(*args):
-    """Inductor's fallback for the op (its multi-output handling), calling
-    ``extern_kernels.fp8fx_rms_norm_quant`` instead of ``torch.ops.fp8fx.rms_norm_quant``."""
-    from torch._inductor import ir
-    from torch._inductor.lowering import fallback_handler
+def rms_norm_linear_cat_extern(x, residual, weight, eps_tensor, eps, qweights, wscales, biases, block_size):
+    """What a compiled graph calls for fp8fx::rms_norm_linear_cat (as rms_norm_quant_extern)."""
+    if not x.is_cuda:
+        return torch.ops.fp8fx.rms_norm_linear_cat.default(x, residual, weight, eps_tensor, eps, qweights, wscales,
+                                                           biases, block_size)
+    eps = eps if eps_tensor is None else eps_tensor.item()
+    return kernels.rms_norm_linear_cat_cuda(x, residual, weight, eps, qweights, wscales, biases, block_size)
 
-    outs = fallback_handler(torch.ops.fp8fx.rms_norm_quant.default, add_to_fallback_set=False)(*args)
-    node = outs[0]
-    while not isinstance(node, ir.MultiOutput) and hasattr(node, "data"):  # TensorBox / StorageBox
-        node = node.data
-    kernel = node.inputs[0] if isinstance(node, ir.MultiOutput) else None
-    if isinstance(kernel, ir.FallbackKernel):  # otherwise the dispatcher's call stays
-        kernel.python_kernel_name = f"extern_kernels.{_norm_extern_choice().name}"
-    return outs
+
+def silu_mul_linear_cat_extern(gate, up, qweights, wscales, biases, block_size):
+    """What a compiled graph calls for fp8fx::silu_mul_linear_cat (as rms_norm_quant_extern)."""
+    if not gate.is_cuda:
+        return torch.ops.fp8fx.silu_mul_linear_cat.default(gate, up, qweights, wscales, biases, block_size)
+    return kernels.silu_mul_linear_cat_cuda(gate, up, qweights, wscales, biases, block_size)
+
+
+@functools.cache
+def _fallback_externs() -> dict:
+    """op -> the extern its fallback calls (registered in extern_kernels by ExternKernelChoice)."""
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    ops = torch.ops.fp8fx
+    return {
+        ops.rms_norm_quant.default: _norm_extern_choice(),
+        ops.rms_norm_linear_cat.default: ExternKernelChoice(rms_norm_linear_cat_extern, name="fp8fx_rms_norm_linear_cat",
+                                                            has_out_variant=False),
+        ops.silu_mul_linear_cat.default: ExternKernelChoice(silu_mul_linear_cat_extern, name="fp8fx_silu_mul_linear_cat",
+                                                            has_out_variant=False),
+    }
+
+
+def _fallback_to_extern(op):
+    """A lowering of ``op``: Inductor's fallback (its multi-output and list-argument handling),
+    calling ``extern_kernels.<name>`` (_fallback_externs) instead of ``torch.ops.fp8fx.<op>``:
+    no dispatcher and no argument checks per call (the op's fake made them at trace time)."""
+
+    def lower(*args):
+        from torch._inductor import ir
+        from torch._inductor.lowering import fallback_handler
+
+        outs = fallback_handler(op, add_to_fallback_set=False)(*args)
+        node = outs[0] if isinstance(outs, (list, tuple)) else outs
+        while not isinstance(node, (ir.MultiOutput, ir.FallbackKernel)) and hasattr(node, "data"):  # TensorBox / StorageBox
+            node = node.data
+        kernel = node.inputs[0] if isinstance(node, ir.MultiOutput) else node
+        if isinstance(kernel, ir.FallbackKernel):  # otherwise the dispatcher's call stays
+            kernel.python_kernel_name = f"extern_kernels.{_fallback_externs()[op].name}"
+        return outs
+
+    return lower
 
 
 @functools.cache
@@ -403,14 +442,15 @@ def register() -> None:
     _extern_choice()  # the generated code (and a cached one) names extern_kernels.fp8fx_block_gemm
     _cat_extern_choice()
     _linear_cat_extern_choice()
-    _norm_extern_choice()
+    _fallback_externs()
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(_block_gemm)
     if torch.ops.fp8fx.block_gemm_cat.default not in lowerings:
         register_lowering(torch.ops.fp8fx.block_gemm_cat.default, type_promotion_kind=None)(_block_gemm_cat)
     if torch.ops.fp8fx.linear_cat.default not in lowerings:
         register_lowering(torch.ops.fp8fx.linear_cat.default, type_promotion_kind=None)(_linear_cat)
-    if torch.ops.fp8fx.rms_norm_quant.default not in lowerings:
-        register_lowering(torch.ops.fp8fx.rms_norm_quant.default, type_promotion_kind=None)(_rms_norm_quant)
+    for fallback_op in _fallback_externs():
+        if fallback_op not in lowerings:
+            register_lowering(fallback_op, type_promotion_kind=None)(_fallback_to_extern(fallback_op))
     if torch.cuda.is_available():
         kernels.register()

@@ -3,7 +3,7 @@ fp8fx compiled, on a Llama-3-8B- or Qwen3-30B-A3B-dimension model with few layer
 variant, the GPU time per step summed over kernels and the top kernels (time per step).
 
     python scripts/profile_decode.py [--model llama3-8b|qwen3-moe] [--layers 4] [--batch 1]
-        [--trace] [--ab] [--no-pre-quant]
+        [--trace] [--ab] [--prologue-ab] [--no-pre-quant]
 
 Each variant also gets its CUDA-graph replay time per step (bench e2e's decode timing,
 steps + 4 steps, median of 5: kernels plus the gaps between them). --ab adds fp8fx compiled with
@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--trace", action="store_true", help="also print the last step's kernels in order")
     parser.add_argument("--ab", action="store_true",
                         help="also fp8fx with the decode quant in the producers, and with torch.topk")
+    parser.add_argument("--prologue-ab", action="store_true",
+                        help="also fp8fx with gemv_prologue=False (RMSNorm and SiLU * up in their own kernels)")
     parser.add_argument("--no-pre-quant", action="store_true",
                         help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
@@ -85,6 +87,8 @@ def main():
     if args.ab:
         variants += [({"quant_in_gemv": False}, "fp8fx compiled, quant in producers"),
                      ({"fused_topk": False}, "fp8fx compiled, torch.topk")]
+    if args.prologue_ab:
+        variants.append(({"gemv_prologue": False}, "fp8fx compiled, no gemv prologue"))
     for options, name in variants:
         torch._dynamo.reset()
         fp8c = torch.compile(model, backend=fp8fx.backend_with(**options), dynamic=False)

@@ -175,17 +175,28 @@ def _compiled_layer(layer, h, kw, b, dynamic: bool):
     return compiled, y, expect, codes[0]
 
 
-@pytest.mark.parametrize("quant_in_gemv", [True, False])
-def test_decode_layer_gemms_grouped_and_graph_replay(quant_in_gemv):
+@pytest.mark.parametrize("variant", ["prologue", "quant_in_gemv", "quant_in_producer"])
+def test_decode_layer_gemms_grouped_and_graph_replay(variant):
     """A Llama decoder layer at one token, compiled with static shapes: q/k/v and gate/up run
-    as two gemv_cat launches (fp8fx_linear_cat, with o and down one each, quantizing in the
-    kernel; or fp8fx_block_gemm_cat), the output matches eager fp8fx, and a CUDA graph of the
-    compiled step replays to the same values."""
+    as two gemv_cat launches, with o and down one each, quantizing in the kernel; by default
+    the two RMSNorms (the second with its residual add) and the SiLU * up product run in the
+    prologues of the q/k/v, gate/up and down launches (no Triton kernel computes them);
+    with gemv_prologue=False they are Inductor kernels feeding fp8fx_linear_cat; with
+    quant_in_gemv=False the quantization is in the producers and the groups are
+    fp8fx_block_gemm_cat. The output matches eager fp8fx, and a CUDA graph of the compiled
+    step replays to the same values."""
     layer, h, kw = _llama_layer(tokens=1, seed=2)
-    compiled, y, expect, code = _compiled_layer(layer, h, kw, backend_with(quant_in_gemv=quant_in_gemv), dynamic=False)
+    b = backend_with(quant_in_gemv=variant != "quant_in_producer", gemv_prologue=None if variant == "prologue" else False)
+    compiled, y, expect, code = _compiled_layer(layer, h, kw, b, dynamic=False)
     with torch.no_grad():
         body = code[code.index("def call(") :]
-        if quant_in_gemv:
+        if variant == "prologue":
+            assert body.count("extern_kernels.fp8fx_rms_norm_linear_cat(") == 2, body
+            assert body.count("extern_kernels.fp8fx_silu_mul_linear_cat(") == 1, body
+            assert body.count("extern_kernels.fp8fx_linear_cat(") == 1, body  # o_proj
+            assert counters["fp8fx"]["prologue_norm_residual"] == 1 and counters["fp8fx"]["prologue_silu"] == 1
+            assert "tl.float8" not in code and "rsqrt" not in code and "exp(" not in code, code
+        elif variant == "quant_in_gemv":
             assert body.count("extern_kernels.fp8fx_linear_cat(") == 4, body
             assert counters["fp8fx"]["linear_cat_members"] == 7
             assert "tl.float8" not in code, code  # no Triton kernel quantizes

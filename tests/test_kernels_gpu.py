@@ -379,6 +379,50 @@ def test_gemv_cat(m, ns, k, scale_fmt, tma, tma_eager):
         assert _TICKETS[x.device].count_nonzero().item() == 0
 
 
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("kind,ns,k", [("norm", (4096, 1024, 1024), 4096), ("norm_residual", (14336, 14336), 4096),
+                                       ("norm_residual", (2048, 512, 512), 2048), ("silu", (4096,), 14336),
+                                       ("silu", (2048,), 768)])
+@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize("tma", [False, True])
+def test_gemv_cat_prologues(m, kind, ns, k, scale_fmt, tma, tma_eager):
+    """The RMSNorm (+ residual add) and SiLU * up prologues at Llama-3-8B and Qwen3-30B-A3B
+    decode shapes, with the dispatch table's linear config: y within 2e-3 of the reference
+    composition (eager norm / product, reference quantization, exact product), h bit-exact,
+    through the ops' CUDA implementations too; heavy-tailed rows with outliers."""
+    from fp8fx.kernels import dispatch, rms_norm_linear_cat_cuda, silu_mul_linear_cat_cuda
+    from fp8fx.kernels.gemv import gemv_cat_rms_norm, gemv_cat_silu_mul
+
+    weights = [_weight(n, k, scale_fmt, seed=i) for i, n in enumerate(ns)]
+    ws, ss = [w for w, _ in weights], [s for _, s in weights]
+    biases = [None] * len(ns)
+    x = _x(m, k, seed=m, outliers=True)
+    r = _x(m, k, seed=m + 7) if kind != "norm" else None
+    nw = (1 + 0.5 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    cfg = dataclasses.replace(dispatch.gemv_config(m, sum(ns), k, False), tma=tma)
+    ue8m0 = scale_fmt == "ue8m0"
+    _poison()
+    if kind == "silu":
+        gu = torch.cat([x, r], -1)  # gate and up as the halves of one GEMM output
+        xin = torch.nn.functional.silu(x) * r
+        y = gemv_cat_silu_mul(gu[:, :k], gu[:, k:], ws, ss, config=cfg, act_ue8m0=ue8m0)
+        y_op = silu_mul_linear_cat_cuda(gu[:, :k], gu[:, k:], ws, ss, biases, [128, 128])
+    else:
+        h_ref = x if r is None else x + r
+        xin = reference.rms_norm(h_ref, nw, 1e-5)
+        y, h = gemv_cat_rms_norm(x, r, nw, 1e-5, ws, ss, config=cfg, act_ue8m0=ue8m0)
+        y_op, h_op = rms_norm_linear_cat_cuda(x, r, nw, 1e-5, ws, ss, biases, [128, 128])
+        if r is not None:
+            assert torch.equal(h, h_ref) and torch.equal(h_op, h_ref)
+        else:
+            assert h.numel() == 0 and h_op.numel() == 0
+    xq, xs = reference.quantize_act(xin, 128, scale_fmt)
+    xd = reference.dequantize_act(xq, xs).double()
+    ref = torch.cat([xd @ reference.dequantize_weight(w, s).double().t() for w, s in weights], -1)
+    assert y.shape == (m, sum(ns)) and y.dtype == torch.bfloat16
+    assert _rel(y, ref) <= 2e-3 and _rel(y_op, ref) <= 2e-3
+
+
 @pytest.fixture
 def tma_eager(monkeypatch):
     from fp8fx.kernels import gemv as gemv_mod

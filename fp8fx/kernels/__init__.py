@@ -30,6 +30,8 @@ __all__ = [
     "block_gemm_cuda",
     "block_gemm_cat_cuda",
     "linear_cat_cuda",
+    "rms_norm_linear_cat_cuda",
+    "silu_mul_linear_cat_cuda",
     "grouped_linear_cuda",
     "expert_linear_cuda",
     "prepared_weight_scale",
@@ -261,6 +263,43 @@ def linear_cat_cuda(x, qweights, wscales, biases, block_size):
     return y.reshape(*x.shape[:-1], -1)
 
 
+def rms_norm_linear_cat_cuda(x, residual, weight, eps, qweights, wscales, biases, block_size):
+    """CUDA fp8fx::rms_norm_linear_cat -> (y, h): one gemv_cat launch with the RMSNorm (and
+    the residual add) in its prologue when the weights fit one on the linear route
+    (_cat_rows); otherwise the norm in torch and linear_cat_cuda."""
+    from fp8fx import reference
+    from fp8fx.kernels.gemv import gemv_cat_rms_norm
+
+    _check_cuda(x, residual, weight, *qweights, *wscales, *biases)
+    k = x.shape[-1]
+    m = _cat_rows(x, qweights, biases, block_size, x.dtype, fused_quant=True) if k % 16 == 0 else 0
+    if not m:
+        h = x if residual is None else x + residual
+        y = linear_cat_cuda(reference.rms_norm(h, weight, eps), qweights, wscales, biases, block_size)
+        return y, h if residual is not None else x.new_empty(0)
+    ue8m0 = wscales[0].dtype == reference.E8M0_DTYPE
+    y, h = gemv_cat_rms_norm(x.reshape(m, k), None if residual is None else residual.reshape(m, k), weight, eps,
+                             qweights, wscales, biases, act_ue8m0=ue8m0)
+    return y.reshape(*x.shape[:-1], -1), h.reshape(x.shape) if residual is not None else h
+
+
+def silu_mul_linear_cat_cuda(gate, up, qweights, wscales, biases, block_size):
+    """CUDA fp8fx::silu_mul_linear_cat: one gemv_cat launch forming silu(gate) * up in its
+    prologue when the weights fit one on the linear route (_cat_rows); otherwise the product
+    in torch and linear_cat_cuda."""
+    from fp8fx import reference
+    from fp8fx.kernels.gemv import gemv_cat_silu_mul
+
+    _check_cuda(gate, up, *qweights, *wscales, *biases)
+    k = gate.shape[-1]
+    m = _cat_rows(gate, qweights, biases, block_size, gate.dtype, fused_quant=True) if k % 16 == 0 else 0
+    if not m:
+        return linear_cat_cuda(torch.nn.functional.silu(gate) * up, qweights, wscales, biases, block_size)
+    ue8m0 = wscales[0].dtype == reference.E8M0_DTYPE
+    y = gemv_cat_silu_mul(gate.reshape(m, k), up.reshape(m, k), qweights, wscales, biases, act_ue8m0=ue8m0)
+    return y.reshape(*gate.shape[:-1], -1)
+
+
 def grouped_linear_cuda(x, qweight, wscale, offs, act_scale, block_size):
     """CUDA fp8fx::grouped_linear: tokens sorted by expert -> y[T, N] in x's dtype."""
     from fp8fx import reference
@@ -298,6 +337,7 @@ def register() -> None:
     ops._cuda_impl.update(
         linear=linear_cuda, act_quant=act_quant_cuda, block_gemm=block_gemm_cuda, block_gemm_cat=block_gemm_cat_cuda,
         linear_cat=linear_cat_cuda, grouped_linear=grouped_linear_cuda,
+        rms_norm_linear_cat=rms_norm_linear_cat_cuda, silu_mul_linear_cat=silu_mul_linear_cat_cuda,
         expert_linear=expert_linear_cuda, grouped_linear_masked=grouped_linear_masked_cuda, topk=topk,
         rms_norm_quant=rms_norm_quant,
     )
