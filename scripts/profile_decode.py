@@ -70,6 +70,9 @@ def main():
                         help="also fp8fx with the decode quant in the producers, and with torch.topk")
     parser.add_argument("--prologue-ab", action="store_true",
                         help="also fp8fx with gemv_prologue=False (RMSNorm and SiLU * up in their own kernels)")
+    parser.add_argument("--linear-config", action="append", default=[], metavar="M,N,K=CONFIG",
+                        help="also fp8fx with the dispatch table's linear gemv config for (M, N, K) replaced, "
+                             "e.g. 1,28672,4096=128,4,4,1,tma (block_n, warps, stages, split, flags pdl/tma)")
     parser.add_argument("--no-pre-quant", action="store_true",
                         help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
@@ -89,11 +92,33 @@ def main():
                      ({"fused_topk": False}, "fp8fx compiled, torch.topk")]
     if args.prologue_ab:
         variants.append(({"gemv_prologue": False}, "fp8fx compiled, no gemv prologue"))
+    for spec in args.linear_config:
+        variants.append(({}, f"fp8fx compiled, linear config {spec}"))
+    from fp8fx.kernels import dispatch
+
+    measured = dict(dispatch.GEMV_MEASURED)
     for options, name in variants:
         torch._dynamo.reset()
+        dispatch.GEMV_MEASURED.clear()
+        dispatch.GEMV_MEASURED.update(measured)
+        if "linear config" in name:
+            _patch_linear_config(dispatch, name.rsplit(" ", 1)[1])
         fp8c = torch.compile(model, backend=fp8fx.backend_with(**options), dynamic=False)
         _profile(model, fp8c, f"{name}, {args.model}, {args.layers} layers, batch {args.batch}",
                  args.batch, args.steps, args.rows, args.trace)
+
+
+def _patch_linear_config(dispatch, spec: str) -> None:
+    """M,N,K=block_n,warps,stages,split[,pdl][,tma]: the table's linear config for (M, N, K)."""
+    from fp8fx.kernels.gemv import GemvConfig
+
+    shape, cfg = spec.split("=")
+    key = tuple(int(v) for v in shape.split(","))
+    nums, flags = [], set()
+    for part in cfg.split(","):
+        (nums.append(int(part)) if part.isdigit() else flags.add(part))
+    gemm_cfg = dispatch.GEMV_MEASURED.get(key, (None, None))[0] or GemvConfig(*nums)
+    dispatch.GEMV_MEASURED[key] = (gemm_cfg, GemvConfig(*nums, pdl="pdl" in flags, tma="tma" in flags))
 
 
 if __name__ == "__main__":

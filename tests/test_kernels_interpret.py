@@ -446,7 +446,7 @@ def test_gemv_cat_prologue_unfused_shapes_and_edges(monkeypatch):
     weights = [_weight(n, k, "float32", seed=n) for n in (144, 64)]
     ws, ss = [w for w, _ in weights], [s for _, s in weights]
     biases = [torch.randn(144), torch.randn(64)]
-    for m, pre, max_elems in ((3, True, 16384), (1, False, 16384), (2, True, 256), (1, True, 16384)):
+    for m, pre, max_elems in ((3, True, 8192), (1, False, 8192), (2, True, 256), (1, True, 8192)):
         monkeypatch.setattr(gemv_mod, "PRE_QUANT", pre)
         monkeypatch.setattr(gemv_mod, "NORM_MAX_ELEMS", max_elems)
         x, r, nw = _prologue_inputs("norm_residual", m, k, seed=m)

@@ -180,18 +180,20 @@ def _prologue(x, x_ptr, r_ptr, nw_ptr, h_ptr, pre_m, pre_k, pre_mask, pid_n, row
     #   PROLOGUE 2: silu(x) * r (the SwiGLU product; x the gate, r the up projection)
     dtype = x.dtype
     if PROLOGUE == 1:
+        # The program's own operands are loaded first, the whole rows' reduction after them.
+        if HAS_RES:
+            r = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
+        w = tl.load(nw_ptr + pre_k, mask=pre_k < K, other=0.0)
         inv = _row_rsqrt(x_ptr, r_ptr, row0, row_end, K, eps, stride_xm, stride_rm, HAS_RES, EXACT_CAST,
                          BLOCK_M, KB_ALL, BLOCK_K)
         # each pre row's factor: inv[(pre_m - row0)] through a [BM * KB_PRE, BM] select
         sel = (pre_m - row0)[:, None] == tl.arange(0, BLOCK_M)[None, :]
         inv_pre = tl.sum(tl.where(sel, inv[None, :], 0.0), axis=1)
         if HAS_RES:
-            r = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
             x = _to_dtype(x.to(tl.float32) + r.to(tl.float32), dtype, EXACT_CAST)
             if pid_n == 0:
                 tl.store(h_ptr + pre_m[:, None].to(tl.int64) * K + pre_k, x, mask=pre_mask)
         n = _to_dtype(x.to(tl.float32) * inv_pre[:, None], dtype, EXACT_CAST)
-        w = tl.load(nw_ptr + pre_k, mask=pre_k < K, other=0.0)
         x = _to_dtype(w.to(tl.float32) * n.to(tl.float32), dtype, EXACT_CAST)
     else:
         u = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
@@ -525,9 +527,9 @@ def gemv_cat(
     return _gemv("gemv_cat", x, sx, ws, sws, biases, out_dtype, config, act_ue8m0)
 
 
-# The fused prologues hold a program's rows in registers: RMSNorm needs whole rows (BM x K
-# values, BM <= 2), so hidden sizes up to this many elements per program are fused.
-NORM_MAX_ELEMS = 16384
+# The fused RMSNorm reads a program's rows whole into registers for the sum of squares (BM x K
+# values, BM <= 2): up to this many per program (hidden 8192 at one token, 4096 at two).
+NORM_MAX_ELEMS = 8192
 
 
 def _check_cat_lists(name, ws, sws, biases):
