@@ -72,7 +72,7 @@ def main():
                         help="also fp8fx with gemv_prologue=False (RMSNorm and SiLU * up in their own kernels)")
     parser.add_argument("--linear-config", action="append", default=[], metavar="M,N,K=CONFIG",
                         help="also fp8fx with the dispatch table's linear gemv config for (M, N, K) replaced, "
-                             "e.g. 1,28672,4096=128,4,4,1,tma (block_n, warps, stages, split, flags pdl/tma)")
+                             "e.g. 1,28672,4096=128,4,4,1,tma (block_n, warps, stages, split, flags pdl/tma/f<prefetch>)")
     parser.add_argument("--no-pre-quant", action="store_true",
                         help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
@@ -109,7 +109,7 @@ def main():
 
 
 def _patch_linear_config(dispatch, spec: str) -> None:
-    """M,N,K=block_n,warps,stages,split[,pdl][,tma]: the table's linear config for (M, N, K)."""
+    """M,N,K=block_n,warps,stages,split[,pdl][,tma][,f<blocks>]: the table's linear config for (M, N, K)."""
     from fp8fx.kernels.gemv import GemvConfig
 
     shape, cfg = spec.split("=")
@@ -117,8 +117,9 @@ def _patch_linear_config(dispatch, spec: str) -> None:
     nums, flags = [], set()
     for part in cfg.split(","):
         (nums.append(int(part)) if part.isdigit() else flags.add(part))
+    prefetch = next((int(f[1:]) for f in flags if f[:1] == "f" and f[1:].isdigit()), 0)
     gemm_cfg = dispatch.GEMV_MEASURED.get(key, (None, None))[0] or GemvConfig(*nums)
-    dispatch.GEMV_MEASURED[key] = (gemm_cfg, GemvConfig(*nums, pdl="pdl" in flags, tma="tma" in flags))
+    dispatch.GEMV_MEASURED[key] = (gemm_cfg, GemvConfig(*nums, pdl="pdl" in flags, tma="tma" in flags, prefetch=prefetch))
 
 
 if __name__ == "__main__":
