@@ -18,9 +18,11 @@ launch costs its own start-up; the gemv already loads its K range of that input 
 its K loop, so it computes the norm (the whole row's sum of squares: 8 KB per row at
 hidden 4096, from L2) or the product there, and the producer's kernel is gone.
 
-Taken only where the kernel fuses it: a static M of 1 or 2 rows (the gemv's pre-loop
-quantization), a hidden size the norm's whole-row load takes (gemv.NORM_MAX_ELEMS), the
-producer's output read by this linear_cat alone. Counters: prologue_norm,
+Taken only where the kernel fuses it: a static M of 1 or 2 rows, and on CUDA where
+gemv.prologue_fuses says the launch with the measured config quantizes before its K loop
+(1-2 rows per program, at most 32 (row, K block) groups per split) and, for the norm, the
+rows fit the whole-row load (gemv.NORM_MAX_ELEMS); the producer's output read by this
+linear_cat alone. Counters: prologue_norm,
 prologue_norm_residual (of which with the residual add), prologue_silu.
 """
 
@@ -78,11 +80,18 @@ def _rows(x) -> int | None:
     return math.prod(lead) if all(isinstance(d, int) for d in lead) else None
 
 
+def _fuses(norm: bool, m: int, x, qweights) -> bool:
+    """On CUDA, whether the gemv runs this producer in its prologue (otherwise the op would
+    form the input in torch, slower than Inductor's kernel); elsewhere the reference runs."""
+    from fp8fx.kernels.gemv import prologue_fuses
+
+    vx = _val(x)
+    n = sum(_val(w).shape[0] for w in qweights)
+    return vx.device.type != "cuda" or prologue_fuses(m, n, vx.shape[-1], norm, vx.device)
+
+
 def rewrite(graph: torch.fx.Graph, devices: tuple[str, ...] = ("cuda",)) -> None:
     """Fold every eligible producer into the linear_cat it feeds on ``devices``."""
-    from fp8fx.kernels.gemv import NORM_MAX_ELEMS
-    from fp8fx.kernels.host import next_power_of_2
-
     for node in list(graph.find_nodes(op="call_function", target=torch.ops.fp8fx.linear_cat.default)):
         x, qweights, wscales, biases, block_size = node.args
         vx = _val(x)
@@ -93,7 +102,7 @@ def rewrite(graph: torch.fx.Graph, devices: tuple[str, ...] = ("cuda",)) -> None
         found = _match(x)
         if found is not None:
             h, h32, w, eps_node, eps = found
-            if k % 128 or next_power_of_2(m) * next_power_of_2(k // 128) * 128 > NORM_MAX_ELEMS:
+            if k % 128 or not _fuses(True, m, x, qweights):
                 continue
             pair = _residual(h, h32, node)
             with graph.inserting_before(node):
@@ -108,7 +117,7 @@ def rewrite(graph: torch.fx.Graph, devices: tuple[str, ...] = ("cuda",)) -> None
             counters[COUNTER]["prologue_norm"] += 1
             continue
         pair = _silu_mul(x)
-        if pair is not None:
+        if pair is not None and _fuses(False, m, x, qweights):
             with graph.inserting_before(node):
                 fused = _call(graph, torch.ops.fp8fx.silu_mul_linear_cat.default, *pair, qweights, wscales, biases,
                               block_size)

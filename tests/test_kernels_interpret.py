@@ -381,10 +381,10 @@ def _prologue_ref(kind, x, r, nw, eps):
     return reference.rms_norm(h, nw, eps), h
 
 
-def _prologue_inputs(kind, m, k, seed):
+def _prologue_inputs(kind, m, k, seed, dtype=torch.bfloat16):
     from conftest import norm_inputs
 
-    x, r, nw = norm_inputs((m, k), torch.bfloat16, seed=seed, residual=kind != "norm", zero_rows=(1,))
+    x, r, nw = norm_inputs((m, k), dtype, seed=seed, residual=kind != "norm", zero_rows=(1,))
     if kind == "silu":  # gate and up as the two halves of one [M, 2K] GEMM output (strided rows)
         gu = torch.cat([x, r], -1)
         return gu[:, :k], gu[:, k:], None
@@ -394,14 +394,16 @@ def _prologue_inputs(kind, m, k, seed):
 @interpreted
 @pytest.mark.parametrize("kind", ["norm", "norm_residual", "silu"])
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("cfg_name", ["dot_n64", "dot_n32_split3", "fma_n32_split2", "tma_n64_split2"])
+@pytest.mark.parametrize("cfg_name,dtype", [(c, torch.bfloat16) for c in
+                                            ("dot_n64", "dot_n32_split3", "fma_n32_split2", "tma_n64_split2")]
+                         + [("dot_n32_split3", torch.float16)])
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-def test_gemv_cat_prologue_codes(kind, m, cfg_name, scale_fmt):
+def test_gemv_cat_prologue_codes(kind, m, cfg_name, dtype, scale_fmt):
     """The fused RMSNorm (with and without the residual add) and SiLU * up prologues quantize
     what eager torch computes: through an identity weight the output is the dequantized
     codes, bit-exact with the reference but where the norm's fp32 sum of squares (added in
     another order) or the interpreter's exp moves a value across a rounding boundary; h
-    exactly. Rows of heavy-tailed values with outliers, row 1 zeros."""
+    exactly. Rows of heavy-tailed values with outliers, row 1 zeros; bf16 and fp16."""
     from fp8fx.kernels.gemv import GemvConfig, gemv, gemv_cat_rms_norm, gemv_cat_silu_mul
 
     if "fma" in cfg_name and m > 1:
@@ -409,7 +411,7 @@ def test_gemv_cat_prologue_codes(kind, m, cfg_name, scale_fmt):
     cfg = GemvConfig(**GEMV_CONFIGS[cfg_name])
     k, ue8m0 = 384, scale_fmt == "ue8m0"
     wq, ws = _identity_weight(k)
-    x, r, nw = _prologue_inputs(kind, m, k, seed=m + len(cfg_name))
+    x, r, nw = _prologue_inputs(kind, m, k, seed=m + len(cfg_name), dtype=dtype)
     if kind == "silu":
         y = gemv_cat_silu_mul(x, r, [wq], [ws], config=cfg, act_ue8m0=ue8m0, out_dtype=torch.float32)
         h = None

@@ -233,3 +233,21 @@ def test_uuid_includes_gemv_prologue():
     from fp8fx.passes import PostGradPass
 
     assert len({PostGradPass(gemv_prologue=v).uuid() for v in (None, True, False)}) == 3
+
+
+def test_prologue_fuses_agrees_with_the_launch(monkeypatch):
+    # What the pass asks on CUDA (gemv.prologue_fuses) is the launch's own decision: the
+    # measured linear config's split leaves at most 32 (row, K block) groups per program and
+    # the norm's rows fit NORM_MAX_ELEMS; otherwise the op would form the input in torch.
+    from fp8fx.kernels import gemv
+
+    monkeypatch.setattr(gemv, "num_sms", lambda device: 132)  # an H200, without CUDA
+    cuda = torch.device("cuda")
+    llama = [(1, 6144, 4096, True), (1, 28672, 4096, True), (1, 4096, 14336, False), (2, 6144, 4096, True)]
+    assert all(gemv.prologue_fuses(m, n, k, norm, cuda) for m, n, k, norm in llama)
+    assert not gemv.prologue_fuses(2, 28672, 4096, True, cuda)  # 2 rows x 16 K blocks per split
+    assert not gemv.prologue_fuses(1, 1024, 16384, True, cuda)  # a row over NORM_MAX_ELEMS
+    assert gemv.prologue_fuses(1, 1024, 16384, False, cuda)  # the product needs its K range only
+    assert not gemv.prologue_fuses(3, 6144, 4096, False, cuda)  # 16 rows per program
+    monkeypatch.setattr(gemv, "PRE_QUANT", False)
+    assert not gemv.prologue_fuses(1, 6144, 4096, True, cuda)

@@ -611,9 +611,40 @@ def _unfused_prologue(x, prologue):
     return torch.nn.functional.silu(x) * r
 
 
-def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=None) -> torch.Tensor:
+def _plan(m: int, n: int, k: int, x_fp8: bool, config: GemvConfig | None, device: torch.device):
+    """(config, rows per program, tensor-core path, split-K factor) of a dense launch."""
     from fp8fx.kernels import dispatch  # the measured config per shape lives there
 
+    cfg = config or dispatch.gemv_config(m, n, k, x_fp8)
+    # Tokens per program, a power of two <= 16. Quantizing in the kernel, 4 or 8 rows
+    # repeated 4 or 2 times to fill tl.dot's 16 columns were measured 1.3x and 2x slower
+    # than 16 rows with the unused ones masked (H200, Triton 3.6; NOTES.md).
+    block_m = min(16, next_power_of_2(m))
+    if not x_fp8 and block_m > 2:
+        block_m = 16
+    use_dot = cfg.use_dot or m > 1 or cfg.block_n > 128  # the FMA path is M = 1 only
+    if not use_dot:
+        block_m = 1
+    return cfg, block_m, use_dot, pick_split(m, n, k, cfg, num_sms(device))
+
+
+def _prologue_fuses(norm: bool, block_m: int, n_kb: int, split: int) -> bool:
+    """The launch quantizes before its K loop, where the prologue runs; RMSNorm rows fit."""
+    return _pre_quant(block_m, n_kb, split, dense=True) and (
+        not norm or block_m * next_power_of_2(n_kb) * BLOCK_K <= NORM_MAX_ELEMS)
+
+
+def prologue_fuses(m: int, n: int, k: int, norm: bool, device: torch.device) -> bool:
+    """Whether gemv_cat_rms_norm (``norm``) / gemv_cat_silu_mul at M x N x K with the
+    measured linear config runs its prologue in the kernel (else it forms the input in
+    torch first); passes/prologue.py asks before it rewrites."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return False
+    _, block_m, _, split = _plan(m, n, k, False, None, device)
+    return _prologue_fuses(norm, block_m, cdiv(k, BLOCK_K), split)
+
+
+def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=None) -> torch.Tensor:
     # (1) check
     for w, sw, bias in zip(ws, sws, biases):
         m, _, k = check_operands(name, x, w, sw, bias, sx)
@@ -652,19 +683,8 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=N
         return out
     if k == 0:
         return out.zero_() if biases[0] is None else out.copy_(torch.cat(biases).expand(m, n))
-    cfg = config or dispatch.gemv_config(m, n, k, x_fp8)
-    # Tokens per program, a power of two <= 16. Quantizing in the kernel, 4 or 8 rows
-    # repeated 4 or 2 times to fill tl.dot's 16 columns were measured 1.3x and 2x slower
-    # than 16 rows with the unused ones masked (H200, Triton 3.6; NOTES.md).
-    block_m = min(16, next_power_of_2(m))
-    if not x_fp8 and block_m > 2:
-        block_m = 16
-    use_dot = cfg.use_dot or m > 1 or cfg.block_n > 128  # the FMA path is M = 1 only
-    if not use_dot:
-        block_m = 1
-    split = pick_split(m, n, k, cfg, num_sms(x.device))
-    if prologue is not None and not (_pre_quant(block_m, n_kb, split, dense=True)
-                                     and (prologue[0] != 1 or block_m * next_power_of_2(n_kb) * BLOCK_K <= NORM_MAX_ELEMS)):
+    cfg, block_m, use_dot, split = _plan(m, n, k, x_fp8, config, x.device)
+    if prologue is not None and not _prologue_fuses(prologue[0] == 1, block_m, n_kb, split):
         x, prologue = _unfused_prologue(x, prologue), None
     (w, sw_t, bias), more = parts[0], parts[1:]
     _launch(x, sx_t, (stride_sxm, stride_sxk), w, sw_t, bias, out, cfg, split, block_m, cdiv(m, block_m),
