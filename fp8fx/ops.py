@@ -407,21 +407,21 @@ def _(x, qweight, wscale, masked_m, act_scale, block_size):
     return x.new_empty(x.shape[0], x.shape[1], qweight.shape[1])
 
 
-def check_rms_norm_quant_args(x, residual, weight, eps_tensor) -> None:
+def check_rms_norm_quant_args(x, residual, weight, eps_tensor, op: str = "rms_norm_quant") -> None:
     from fp8fx.kernels.norm_quant import MAX_K
 
     if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() == 0:
-        raise TypeError(f"fp8fx: rms_norm_quant needs a bf16/fp16 x with a last dimension, got {x.dtype} {tuple(x.shape)}")
+        raise TypeError(f"fp8fx: {op} needs a bf16/fp16 x with a last dimension, got {x.dtype} {tuple(x.shape)}")
     k = x.shape[-1]
     if k % 128 or not 0 < k <= MAX_K:
-        raise ValueError(f"fp8fx: rms_norm_quant needs a hidden size that is a multiple of 128 and at most {MAX_K}, got {k}")
+        raise ValueError(f"fp8fx: {op} needs a hidden size that is a multiple of 128 and at most {MAX_K}, got {k}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"fp8fx: rms_norm_quant's residual must match x ({x.dtype} {tuple(x.shape)}), "
+        raise ValueError(f"fp8fx: {op}'s residual must match x ({x.dtype} {tuple(x.shape)}), "
                          f"got {residual.dtype} {tuple(residual.shape)}")
     if tuple(weight.shape) != (k,) or weight.dtype != x.dtype:
-        raise ValueError(f"fp8fx: rms_norm_quant's weight must be {x.dtype} ({k},), got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(f"fp8fx: {op}'s weight must be {x.dtype} ({k},), got {weight.dtype} {tuple(weight.shape)}")
     if eps_tensor is not None and (eps_tensor.dim() != 0 or eps_tensor.device.type != "cpu" or not eps_tensor.is_floating_point()):
-        raise ValueError(f"fp8fx: rms_norm_quant's eps_tensor must be a 0-dim floating-point CPU tensor, got "
+        raise ValueError(f"fp8fx: {op}'s eps_tensor must be a 0-dim floating-point CPU tensor, got "
                          f"{eps_tensor.dtype} {tuple(eps_tensor.shape)} on {eps_tensor.device}")
     _check_same_device(x=x, residual=residual, weight=weight)
 
@@ -477,7 +477,7 @@ _LIB.define(
 
 
 def check_rms_norm_linear_cat_args(x, residual, weight, eps_tensor, qweights, wscales, biases, block_size) -> None:
-    check_rms_norm_quant_args(x, residual, weight, eps_tensor)
+    check_rms_norm_quant_args(x, residual, weight, eps_tensor, op="rms_norm_linear_cat")
     check_linear_cat_args(x, qweights, wscales, biases, block_size)
 
 

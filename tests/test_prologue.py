@@ -218,8 +218,10 @@ def test_ops_on_cpu_are_the_reference_and_check_their_arguments():
                           [128, 128]), test_utils=checks)
     torch.library.opcheck(torch.ops.fp8fx.silu_mul_linear_cat.default, (g, u, qw, ws, [None, None], [128, 128]),
                           test_utils=checks)
-    with pytest.raises(ValueError, match="residual must match x"):
+    with pytest.raises(ValueError, match="rms_norm_linear_cat's residual must match x"):
         torch.ops.fp8fx.rms_norm_linear_cat(x, r[:, :1], w, None, 1e-5, qw, ws, [None, None], [128, 128])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        torch.ops.fp8fx.rms_norm_linear_cat(x[..., :200], None, w[:200], None, 1e-5, qw, ws, [None, None], [128, 128])
     with pytest.raises(ValueError, match="the weight expects 512"):
         torch.ops.fp8fx.rms_norm_linear_cat(x, r, w, None, 1e-5, [R.quantize_weight(torch.randn(128, 512))[0]],
                                             [R.quantize_weight(torch.randn(128, 512))[1]], [None], [128, 128])

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fp8fx import reference
 from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
@@ -63,7 +64,6 @@ from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 from fp8fx.kernels.host import cdiv, next_power_of_2
 from fp8fx.kernels.norm_quant import _to_dtype
-from triton.language.extra import libdevice
 
 __all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
            "gemv_cat_rms_norm", "gemv_cat_silu_mul", "grouped_block_m", "grouped_gemv", "pick_split"]
@@ -568,8 +568,9 @@ def gemv_cat_rms_norm(
     launch: each program normalizes its rows (transformers' RMSNorm: fp32 sum of squares of
     the whole row, cast back to x's dtype, times norm_weight[K] in that dtype) before
     quantizing its K range; the first N tile's programs store h. h is an empty tensor
-    without a residual; y is in ``out_dtype`` (default x's). Shapes the fused prologue cannot take (more than 2 rows per
-    program, rows over NORM_MAX_ELEMS, PRE_QUANT off) normalize first, in torch."""
+    without a residual; y is in ``out_dtype`` (default x's). Launches that cannot run the
+    prologue (prologue_fuses: more than 2 rows per program, rows over NORM_MAX_ELEMS,
+    PRE_QUANT off) normalize first, in torch."""
     biases = _check_cat_lists("gemv_cat_rms_norm", ws, sws, biases)
     _check_pair("gemv_cat_rms_norm", x, residual, "residual")
     if tuple(norm_weight.shape) != (x.shape[1],) or norm_weight.dtype != x.dtype:
