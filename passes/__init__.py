@@ -29,14 +29,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources() -> tuple[str, ...]:
-    # The passes, the op definitions they rewrite and the dispatch table that decides the
-    # decode grouping and the lowering's choice: a change to any changes the compiled graph.
+    # The passes, the op definitions they rewrite, the dispatch table that decides the
+    # decode grouping and the lowering's choice, and the gemv whose limits decide the
+    # prologue rewrite (gemv.prologue_fuses): a change to any changes the compiled graph.
     import fp8fx.kernels.dispatch
+    import fp8fx.kernels.gemv
     import fp8fx.ops
     import fp8fx.reference
 
     return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (
-        fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__)
+        fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__, fp8fx.kernels.gemv.__file__)
 
 
 class PostGradPass(CustomGraphPass):
