@@ -1,6 +1,7 @@
 """Registers, spills and CUDA-graph time of the decode gemv launches at Llama-3-8B shapes
 (M = 1), plain (bf16 input quantized in the kernel) vs with the RMSNorm / SiLU * up
-prologue, with the dispatch table's linear configs.
+prologue, with the dispatch table's linear configs; the plain launch also with the split-K
+finish loading its partials one at a time and eight at a time (gemv.FINISH_UNROLL).
 
     python scripts/probe_prologue.py
 """
@@ -57,6 +58,12 @@ def main():
         stats_plain = _kernel_stats()[before:]
         t_plain = do_bench_cudagraph(lambda: [plain() for _ in range(copies)], rep=50) / copies * 1e3
         line = f"{name:8s} cfg {cfg} plain {t_plain:6.2f} us regs/spills/smem {stats_plain}"
+        unroll = G.FINISH_UNROLL
+        for u in (1, 8):  # the split-K finish one partial at a time (the old loop) or eight
+            G.FINISH_UNROLL = u
+            t = do_bench_cudagraph(lambda: [plain() for _ in range(copies)], rep=50) / copies * 1e3
+            line += f" | finish x{u} {t:6.2f}"
+        G.FINISH_UNROLL = unroll
         if kind:
             before = len(_kernel_stats())
             fused()

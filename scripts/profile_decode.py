@@ -3,7 +3,8 @@ fp8fx compiled, on a Llama-3-8B- or Qwen3-30B-A3B-dimension model with few layer
 variant, the GPU time per step summed over kernels and the top kernels (time per step).
 
     python scripts/profile_decode.py [--model llama3-8b|qwen3-moe] [--layers 4] [--batch 1]
-        [--trace] [--ab] [--prologue-ab] [--no-pre-quant]
+        [--trace] [--ab] [--prologue-ab] [--linear-config M,N,K=CFG] [--gemv-attr NAME=VALUE]
+        [--no-pre-quant]
 
 Each variant also gets its CUDA-graph replay time per step (bench e2e's decode timing,
 steps + 4 steps, median of 5: kernels plus the gaps between them). --ab adds fp8fx compiled with
@@ -73,6 +74,8 @@ def main():
     parser.add_argument("--linear-config", action="append", default=[], metavar="M,N,K=CONFIG",
                         help="also fp8fx with the dispatch table's linear gemv config for (M, N, K) replaced, "
                              "e.g. 1,28672,4096=128,4,4,1,tma (block_n, warps, stages, split, flags pdl/tma/f<prefetch>)")
+    parser.add_argument("--gemv-attr", action="append", default=[], metavar="NAME=VALUE",
+                        help="also fp8fx with fp8fx.kernels.gemv.NAME set to the integer VALUE, e.g. FINISH_UNROLL=1")
     parser.add_argument("--no-pre-quant", action="store_true",
                         help="the gemv quantizes bf16 input per K block in its loop (gemv.PRE_QUANT = False)")
     args = parser.parse_args()
@@ -94,15 +97,23 @@ def main():
         variants.append(({"gemv_prologue": False}, "fp8fx compiled, no gemv prologue"))
     for spec in args.linear_config:
         variants.append(({}, f"fp8fx compiled, linear config {spec}"))
-    from fp8fx.kernels import dispatch
+    for spec in args.gemv_attr:
+        variants.append(({}, f"fp8fx compiled, gemv.{spec}"))
+    from fp8fx.kernels import dispatch, gemv
 
     measured = dict(dispatch.GEMV_MEASURED)
+    attrs = {spec.split("=")[0]: getattr(gemv, spec.split("=")[0]) for spec in args.gemv_attr}
     for options, name in variants:
         torch._dynamo.reset()
         dispatch.GEMV_MEASURED.clear()
         dispatch.GEMV_MEASURED.update(measured)
+        for attr, value in attrs.items():
+            setattr(gemv, attr, value)
         if "linear config" in name:
             _patch_linear_config(dispatch, name.rsplit(" ", 1)[1])
+        if ", gemv." in name:
+            attr, value = name.rsplit("gemv.", 1)[1].split("=")
+            setattr(gemv, attr, int(value))
         fp8c = torch.compile(model, backend=fp8fx.backend_with(**options), dynamic=False)
         _profile(model, fp8c, f"{name}, {args.model}, {args.layers} layers, batch {args.batch}",
                  args.batch, args.steps, args.rows, args.trace)
