@@ -507,6 +507,18 @@ def gemv(
 MAX_CAT = 3  # weights one gemv_cat launch takes
 
 
+def _check_cat_lists(name, ws, sws, biases):
+    biases = [None] * len(ws) if biases is None else list(biases)
+    if not 1 <= len(ws) <= MAX_CAT or len(sws) != len(ws) or len(biases) != len(ws):
+        raise ValueError(f"fp8fx {name}: 1 to {MAX_CAT} weights with one scale and one bias entry each, "
+                         f"got {len(ws)}, {len(sws)} and {len(biases)}")
+    if len({b is None for b in biases}) > 1:
+        raise ValueError(f"fp8fx {name}: give a bias for every weight or for none")
+    if len({sw.dtype for sw in sws}) > 1:
+        raise TypeError(f"fp8fx {name}: the weight scales must share one dtype, got {[sw.dtype for sw in sws]}")
+    return biases
+
+
 def gemv_cat(
     x: torch.Tensor,
     sx: torch.Tensor | None,
@@ -522,31 +534,13 @@ def gemv_cat(
     tile streaming one weight's rows and writing its columns of y. Same inputs as gemv; the
     weights share K and the scale dtype, and every bias is given or none is. The config
     and split-K are those of the concatenated shape (M, sum N_i, K)."""
-    if not 1 <= len(ws) <= MAX_CAT or len(sws) != len(ws):
-        raise ValueError(f"fp8fx gemv_cat: 1 to {MAX_CAT} weights with one scale each, got {len(ws)} and {len(sws)}")
-    biases = [None] * len(ws) if biases is None else list(biases)
-    if len(biases) != len(ws) or len({b is None for b in biases}) > 1:
-        raise ValueError("fp8fx gemv_cat: give a bias for every weight or for none")
-    if len({sw.dtype for sw in sws}) > 1:
-        raise TypeError(f"fp8fx gemv_cat: the weight scales must share one dtype, got {[sw.dtype for sw in sws]}")
+    biases = _check_cat_lists("gemv_cat", ws, sws, biases)
     return _gemv("gemv_cat", x, sx, ws, sws, biases, out_dtype, config, act_ue8m0)
 
 
 # The fused RMSNorm reads a program's rows whole into registers for the sum of squares (BM x K
 # values, BM <= 2): up to this many per program (hidden 8192 at one token, 4096 at two).
 NORM_MAX_ELEMS = 8192
-
-
-def _check_cat_lists(name, ws, sws, biases):
-    biases = [None] * len(ws) if biases is None else list(biases)
-    if not 1 <= len(ws) <= MAX_CAT or len(sws) != len(ws) or len(biases) != len(ws):
-        raise ValueError(f"fp8fx {name}: 1 to {MAX_CAT} weights with one scale and one bias entry each, "
-                         f"got {len(ws)}, {len(sws)} and {len(biases)}")
-    if len({b is None for b in biases}) > 1:
-        raise ValueError(f"fp8fx {name}: give a bias for every weight or for none")
-    if len({sw.dtype for sw in sws}) > 1:
-        raise TypeError(f"fp8fx {name}: the weight scales must share one dtype, got {[sw.dtype for sw in sws]}")
-    return biases
 
 
 def _check_pair(name, x, other, what):
