@@ -10,8 +10,9 @@
     out = fp8fx.linear_cat(p, qweights, wscales, biases, block)
 ==> out = fp8fx.silu_mul_linear_cat(g, u, qweights, wscales, biases, block)
 
-Runs after the linear rewrite's grouping (passes/linear.py), which made the decode GEMMs
-linear_cat calls on their high-precision input. Why: at one or two tokens the RMSNorm (with
+Runs last in the linear rewrite (passes/linear.py), once the grouping has made the decode
+GEMMs linear_cat calls on their high-precision input and the dead quantizations are gone
+(it counts each producer's readers). Why: at one or two tokens the RMSNorm (with
 the residual add before it) and the SwiGLU product are each a kernel of their own whose
 output only the gemv reads, and a decode step is a chain of short kernels where each
 launch costs its own start-up; the gemv already loads its K range of that input before
@@ -22,8 +23,8 @@ Taken only where the kernel fuses it: a static M of 1 or 2 rows, and on CUDA whe
 gemv.prologue_fuses says the launch with the measured config quantizes before its K loop
 (1-2 rows per program, at most 32 (row, K block) groups per split) and, for the norm, the
 rows fit the whole-row load (gemv.NORM_MAX_ELEMS); the producer's output read by this
-linear_cat alone. Counters: prologue_norm,
-prologue_norm_residual (of which with the residual add), prologue_silu.
+linear_cat alone. Counters: prologue_norm, prologue_norm_residual (of which with the
+residual add), prologue_silu.
 """
 
 from __future__ import annotations
