@@ -374,13 +374,6 @@ def rms_norm_quant_extern(x, residual, weight, eps_tensor, eps, ue8m0):
     return norm_quant.rms_norm_quant(x, residual, weight, eps if eps_tensor is None else eps_tensor.item(), ue8m0)
 
 
-@functools.cache
-def _norm_extern_choice():
-    from torch._inductor.select_algorithm import ExternKernelChoice
-
-    return ExternKernelChoice(rms_norm_quant_extern, name="fp8fx_rms_norm_quant", has_out_variant=False)
-
-
 def rms_norm_linear_cat_extern(x, residual, weight, eps_tensor, eps, qweights, wscales, biases, block_size):
     """What a compiled graph calls for fp8fx::rms_norm_linear_cat (as rms_norm_quant_extern)."""
     if not x.is_cuda:
@@ -402,14 +395,10 @@ def _fallback_externs() -> dict:
     """op -> the extern its fallback calls (registered in extern_kernels by ExternKernelChoice)."""
     from torch._inductor.select_algorithm import ExternKernelChoice
 
-    ops = torch.ops.fp8fx
-    return {
-        ops.rms_norm_quant.default: _norm_extern_choice(),
-        ops.rms_norm_linear_cat.default: ExternKernelChoice(rms_norm_linear_cat_extern, name="fp8fx_rms_norm_linear_cat",
-                                                            has_out_variant=False),
-        ops.silu_mul_linear_cat.default: ExternKernelChoice(silu_mul_linear_cat_extern, name="fp8fx_silu_mul_linear_cat",
-                                                            has_out_variant=False),
-    }
+    externs = (rms_norm_quant_extern, rms_norm_linear_cat_extern, silu_mul_linear_cat_extern)
+    return {getattr(torch.ops.fp8fx, fn.__name__.removesuffix("_extern")).default:
+            ExternKernelChoice(fn, name=f"fp8fx_{fn.__name__.removesuffix('_extern')}", has_out_variant=False)
+            for fn in externs}
 
 
 def _fallback_to_extern(op):

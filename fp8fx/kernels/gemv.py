@@ -576,7 +576,7 @@ def gemv_cat_rms_norm(
         raise ValueError(f"fp8fx gemv_cat_rms_norm: norm_weight must be {x.dtype} ({x.shape[1]},), "
                          f"got {norm_weight.dtype} {tuple(norm_weight.shape)}")
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(0)
-    prologue = (1, residual, norm_weight.contiguous(), h, float(eps))
+    prologue = (1, _unit_stride(residual), norm_weight.contiguous(), h, float(eps))
     y = _gemv("gemv_cat_rms_norm", x, None, ws, sws, biases, out_dtype or x.dtype, config, act_ue8m0, prologue)
     return y, h
 
@@ -599,7 +599,12 @@ def gemv_cat_silu_mul(
     biases = _check_cat_lists("gemv_cat_silu_mul", ws, sws, biases)
     _check_pair("gemv_cat_silu_mul", gate, up, "up")
     return _gemv("gemv_cat_silu_mul", gate, None, ws, sws, biases, out_dtype or gate.dtype, config, act_ue8m0,
-                 (2, up, None, None, 0.0))
+                 (2, _unit_stride(up), None, None, 0.0))
+
+
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with unit stride along its last dim (the kernel reads rows through one row stride)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def _unfused_prologue(x, prologue):
@@ -666,7 +671,7 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=N
             raise ValueError(f"fp8fx {name}: activation scale must be fp32 ({m}, {n_kb}) for fp8 x, or one static value; got {sx.dtype} {tuple(sx.shape)}")
         sx_t, stride_sxm, stride_sxk = sx, sx.stride(0), sx.stride(1)
     _check_device(name, x)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = _unit_stride(x)
     e8m0 = sws[0].dtype == reference.E8M0_DTYPE
     # K-contiguous weights; for several, fully contiguous ones (one set of strides for all).
     dense = (lambda t: t.contiguous()) if len(ws) > 1 else (lambda t: t if t.stride(-1) == 1 else t.contiguous())
@@ -675,10 +680,8 @@ def _gemv(name, x, sx, ws, sws, biases, out_dtype, config, act_ue8m0, prologue=N
 
     # (2) allocate
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    if prologue is not None and prologue[1] is not None:
-        prologue = (*prologue[:1], prologue[1] if prologue[1].stride(-1) == 1 else prologue[1].contiguous(), *prologue[2:])
-        if m == 0 or n == 0 or k == 0:  # no launch: h (gemv_cat_rms_norm) is still written
-            _unfused_prologue(x, prologue)
+    if prologue is not None and (m == 0 or n == 0 or k == 0):  # no launch: h (gemv_cat_rms_norm) is still written
+        _unfused_prologue(x, prologue)
     if m == 0 or n == 0:
         return out
     if k == 0:
