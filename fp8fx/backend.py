@@ -72,6 +72,11 @@ class Backend:
             in the gemv's prologue, before it quantizes, instead of in a kernel of its own.
             None (the default): on CUDA graphs; True: on every device (the CPU runs the
             reference); False: off. Numerics as fused_norm's.
+        quant_kernels: on CUDA, the quantization of a SwiGLU product silu(gate) * up (the
+            input of down_proj) or of the attention output runs fp8fx's Triton kernel, which
+            Inductor compiles and launches like its own, instead of Inductor's fused kernel:
+            faster at prefill sizes, and the SwiGLU codes are eager's (the product rounded
+            to bf16 as eager rounds it). False: Inductor's kernels.
     """
 
     config: BlockFP8Config = BlockFP8Config()
@@ -84,6 +89,7 @@ class Backend:
     fused_topk: bool = True
     fused_norm: Optional[bool] = None
     gemv_prologue: Optional[bool] = None
+    quant_kernels: bool = True
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -106,7 +112,7 @@ class Backend:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
         patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk, self.fused_norm,
-                                                              self.gemv_prologue)
+                                                              self.gemv_prologue, self.quant_kernels)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -165,6 +171,7 @@ def backend_with(
     fused_topk: bool = True,
     fused_norm: Optional[bool] = None,
     gemv_prologue: Optional[bool] = None,
+    quant_kernels: bool = True,
 ) -> Backend:
     """An fp8fx backend with options: ``torch.compile(m, backend=fp8fx.backend_with(mode="max-autotune"))``.
 
@@ -173,7 +180,7 @@ def backend_with(
     """
     return Backend(
         config or BlockFP8Config(), mode, cudagraphs, tuple(sorted((options or {}).items())), freeze, eager_numerics,
-        quant_in_gemv, fused_topk, fused_norm, gemv_prologue,
+        quant_in_gemv, fused_topk, fused_norm, gemv_prologue, quant_kernels,
     )
 
 

@@ -71,6 +71,8 @@ def _fmt_val(v) -> str:
         return f"{_DTYPES.get(v.dtype, str(v.dtype))}[{', '.join(str(d) for d in v.shape)}]"
     if isinstance(v, (tuple, list)):
         return "(" + ", ".join(_fmt_val(x) for x in v) + ")"
+    if isinstance(v, dict):  # a user-defined Triton kernel's outputs
+        return "{" + ", ".join(f"{k}: {_fmt_val(x)}" for k, x in v.items()) + "}"
     return str(v)
 
 
@@ -90,9 +92,23 @@ def format_graph(graph: torch.fx.Graph | torch.fx.GraphModule) -> str:
         if isinstance(a, (list, tuple)):
             inner = ", ".join(arg(x) for x in a)
             return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {arg(v)}" for k, v in a.items()) + "}"
         if isinstance(a, torch.dtype):
             return _DTYPES.get(a, str(a))
         return repr(a) if isinstance(a, str) else str(a)
+
+    def kwargs(node):
+        kw = dict(node.kwargs)
+        if "kernel_idx" in kw and "triton_kernel_wrapper" in str(node.target):
+            # a user-defined Triton kernel: its name, not its index in the process's side table
+            # (which torch._dynamo.reset() clears: format a graph before resetting)
+            from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+            kernel = kernel_side_table.id_to_kernel.get(kw["kernel_idx"])
+            kw = {"kernel": getattr(getattr(kernel, "fn", kernel), "__name__", "?"),
+                  **{k: v for k, v in kw.items() if k not in ("kernel_idx", "constant_args_idx")}}
+        return kw
 
     for node in graph.nodes:
         val = node.meta.get("val")
@@ -108,7 +124,7 @@ def format_graph(graph: torch.fx.Graph | torch.fx.GraphModule) -> str:
         elif node.op == "get_attr":
             lines.append(f"{names[node]}: {_fmt_val(val)} = constant")
         else:
-            args = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()])
+            args = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in kwargs(node).items()])
             lines.append(f"{names[node]}: {_fmt_val(val)} = {_short_target(node.target)}({args})")
     text = "\n".join(lines)
     symbols: dict[str, str] = {}

@@ -5,6 +5,8 @@
     norm_quant.py  RMSNorm (+ residual add) feeding an act_quant -> fp8fx.rms_norm_quant
     prologue.py  decode: RMSNorm (+ residual add) or silu(g) * u feeding a linear_cat -> one
                  gemv launch with the producer in its prologue
+    quant_kernel.py  CUDA: the act_quant of silu(g) * u or of the attention output -> fp8fx's
+                 Triton kernel as a user-defined kernel Inductor launches
     moe.py       (Dynamo graph, from the backend's weight freeze) MoE expert GEMMs on bf16
                  3-D expert weights -> fp8fx.grouped_linear on frozen fp8 constants
     topk.py      aten.topk over short rows (MoE routing) -> fp8fx.topk (one launch on CUDA)
@@ -30,15 +32,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _sources() -> tuple[str, ...]:
     # The passes, the op definitions they rewrite, the dispatch table that decides the
-    # decode grouping and the lowering's choice, and the gemv whose limits decide the
-    # prologue rewrite (gemv.prologue_fuses): a change to any changes the compiled graph.
+    # decode grouping and the lowering's choice, the gemv whose limits decide the prologue
+    # rewrite (gemv.prologue_fuses) and the quant kernel that passes/quant_kernel.py puts in
+    # the graph: a change to any changes the compiled graph.
+    import fp8fx.kernels.act_quant
     import fp8fx.kernels.dispatch
     import fp8fx.kernels.gemv
     import fp8fx.ops
     import fp8fx.reference
 
     return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (
-        fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__, fp8fx.kernels.gemv.__file__)
+        fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__, fp8fx.kernels.gemv.__file__,
+        fp8fx.kernels.act_quant.__file__)
 
 
 class PostGradPass(CustomGraphPass):
@@ -53,21 +58,25 @@ class PostGradPass(CustomGraphPass):
     (passes/norm_quant.py): None (the default) on CUDA tensors only, True on every device
     (CPU: the reference), False never. ``gemv_prologue`` (same values): a decode RMSNorm or
     SwiGLU product feeding a linear_cat moves into the gemv's prologue (passes/prologue.py).
+    ``quant_kernels``: on CUDA, the quantization of a SwiGLU product or of the attention
+    output runs fp8fx's Triton kernel, which Inductor launches (passes/quant_kernel.py).
     """
 
     def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True,
-                 fused_norm: Optional[bool] = None, gemv_prologue: Optional[bool] = None):
+                 fused_norm: Optional[bool] = None, gemv_prologue: Optional[bool] = None, quant_kernels: bool = True):
         self.config = config
         self.quant_in_gemv = quant_in_gemv
         self.fused_topk = fused_topk
         self.fused_norm = fused_norm
         self.gemv_prologue = gemv_prologue
+        self.quant_kernels = quant_kernels
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from fp8fx.passes import linear, topk
 
         devices = {None: ("cuda",), True: ("cuda", "cpu"), False: ()}
-        linear.rewrite(graph, self.quant_in_gemv, devices[self.fused_norm], devices[self.gemv_prologue])
+        linear.rewrite(graph, self.quant_in_gemv, devices[self.fused_norm], devices[self.gemv_prologue],
+                       self.quant_kernels)
         if self.fused_topk:
             topk.rewrite(graph)
 
@@ -76,5 +85,6 @@ class PostGradPass(CustomGraphPass):
 
         # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
         extra = f"{self.config!r} {self.quant_in_gemv} {self.fused_topk} {self.fused_norm} {self.gemv_prologue} "
+        extra += f"{self.quant_kernels} "
         extra += dispatch.get_preference()
         return get_hash_for_files(_sources(), extra=extra)

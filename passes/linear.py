@@ -13,6 +13,8 @@
                     with quant_in_gemv=False, block_gemm_cat on the codes (two or more GEMMs)
     (4) fuse norms: transformers' RMSNorm (after a residual add or not) feeding an act_quant
                     -> one fp8fx.rms_norm_quant (passes/norm_quant.py; CUDA graphs by default)
+    (4b) kernels:   CUDA: the act_quant of silu(g) * u or of the attention output -> fp8fx's
+                    Triton kernel, which Inductor launches (passes/quant_kernel.py)
     (5) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
@@ -89,13 +91,14 @@ def _is_hp_tensor(node) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _call(graph: torch.fx.Graph, target, *args) -> torch.fx.Node:
+def _call(graph: torch.fx.Graph, target, *args, **kwargs) -> torch.fx.Node:
     """A new node with a valid meta["val"]: ``target`` run on the arguments' fake values."""
     from torch._inductor.virtualized import V
 
-    node = graph.call_function(target, args)
+    node = graph.call_function(target, args, kwargs)
+    fake = lambda n: n.meta["val"]  # noqa: E731
     with V.fake_mode:
-        node.meta["val"] = target(*torch.fx.map_arg(args, lambda n: n.meta["val"]))
+        node.meta["val"] = target(*torch.fx.map_arg(args, fake), **torch.fx.map_arg(kwargs, fake))
     return node
 
 
@@ -284,12 +287,14 @@ def decompose_patterns() -> PatternMatcherPass:
 
 
 def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tuple[str, ...] = (),
-            prologue_devices: tuple[str, ...] = ()) -> None:
+            prologue_devices: tuple[str, ...] = (), quant_kernels: bool = False) -> None:
     """The whole linear rewrite: split, share quantizations of one input, group the decode
     GEMMs of one input (quantizing in the gemv: ``group_gemms``), fuse RMSNorms into the
-    quantizations they feed on ``norm_devices`` (passes/norm_quant.py), decompose the
-    quantizations left, then move the RMSNorm or SwiGLU producers of the grouped decode
-    GEMMs into the gemv on ``prologue_devices`` (passes/prologue.py)."""
+    quantizations they feed on ``norm_devices`` (passes/norm_quant.py), with ``quant_kernels``
+    quantize SwiGLU products and attention outputs on CUDA with fp8fx's Triton kernel
+    (passes/quant_kernel.py), decompose the quantizations left, then move the RMSNorm or
+    SwiGLU producers of the grouped decode GEMMs into the gemv on ``prologue_devices``
+    (passes/prologue.py)."""
     split_linear(graph)
     share_act_quant(graph)
     group_gemms(graph, quant_in_gemv)
@@ -297,6 +302,10 @@ def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tup
         from fp8fx.passes import norm_quant
 
         norm_quant.rewrite(graph, norm_devices)
+    if quant_kernels:
+        from fp8fx.passes import quant_kernel
+
+        quant_kernel.rewrite(graph)
     decompose_patterns().apply(graph)
     graph.eliminate_dead_code()
     if prologue_devices:  # after the dead quantizations are gone: it counts each producer's readers

@@ -11,10 +11,12 @@ Before the profile, three timings of the same call (medians of 10): the CUDA-gra
 the GPU reaches the first; events around the model's kernels then give GPU time in a stream
 without waiting for the host. as called - queued is the host's share of the as-called time.
 
-``--ab`` prints only the timings, for bf16 compiled and for fp8fx compiled with and without
-``fused_norm`` (fp8fx.rms_norm_quant for the RMSNorms that feed quantizations).
+``--ab [OPTION]`` prints only the timings, for bf16 compiled and for fp8fx compiled with a
+backend option off and at its default: ``fused_norm`` (fp8fx.rms_norm_quant for the RMSNorms
+that feed quantizations; the default) or ``quant_kernels`` (fp8fx's quant kernel for the
+SwiGLU product and the attention output, passes/quant_kernel.py).
 
-    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab]
+    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab [fused_norm|quant_kernels]]
 """
 
 import argparse
@@ -55,16 +57,17 @@ def _timings(fn, label, quiet=False):
     return graph, called, queued, host
 
 
-def _ab(model, ids, rounds):
-    """bf16 compiled, then fp8fx compiled with fused_norm False and None measured in
+def _ab(model, ids, rounds, option="fused_norm"):
+    """bf16 compiled, then fp8fx compiled with ``option`` False and at its default, measured in
     interleaved rounds (both compiled graphs alive in one process); medians over rounds."""
     torch._inductor.config.fx_graph_cache = False
     bf16c = torch.compile(model, dynamic=True)
     runs = {"bf16 compiled": [_timings(lambda: bf16c(input_ids=ids, use_cache=False), "", True) for _ in range(rounds)]}
     torch._dynamo.reset()
     fp8fx.quantize_(model)
-    fns = {f"fp8fx fused_norm={f}": torch.compile(model, backend=fp8fx.backend_with(fused_norm=f), dynamic=True)
-           for f in (False, None)}
+    default = getattr(fp8fx.backend_with(), option)
+    fns = {f"fp8fx {option}={f}": torch.compile(model, backend=fp8fx.backend_with(**{option: f}), dynamic=True)
+           for f in (False, default)}
     for _ in range(rounds):
         for label, fn in fns.items():
             runs.setdefault(label, []).append(_timings(lambda: fn(input_ids=ids, use_cache=False), label, True))
@@ -128,13 +131,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--ab", action="store_true", help="timings only: bf16, fp8fx without and with fused_norm")
+    parser.add_argument("--ab", nargs="?", const="fused_norm", choices=["fused_norm", "quant_kernels"],
+                        help="timings only: bf16, fp8fx with this backend option off and at its default")
     parser.add_argument("--rounds", type=int, default=5, help="--ab: interleaved rounds of the fp8fx variants")
     args = parser.parse_args()
     model = _model(args.layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     if args.ab:
-        _ab(model, ids, args.rounds)
+        _ab(model, ids, args.rounds, args.ab)
         return
     bf16c = torch.compile(model, dynamic=True)
     _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")

@@ -133,9 +133,10 @@ def compile_post_grad(model, *args, kwargs=None, dynamic=True, **options):
     with torch.no_grad():
         out = torch.compile(model, backend=post_grad_backend(backend_with(**options), graphs), fullgraph=True,
                             dynamic=dynamic)(*args, **(kwargs or {}))
-    torch._dynamo.reset()
     assert len(graphs) == 1
-    return out, format_graph(graphs[0])
+    text = format_graph(graphs[0])  # before the reset, which clears the user-kernel side table
+    torch._dynamo.reset()
+    return out, text
 
 
 INTERPRET_INNER = __import__("os").environ.get("FP8FX_INTERPRET_INNER") == "1"

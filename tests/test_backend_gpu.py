@@ -314,19 +314,53 @@ def test_rms_norm_quant_kernel_matches_reference(shape, residual, ue8m0, dtype):
     check_norm_quant(q, s, h, x, r, w, 1e-5, ue8m0)
 
 
-@pytest.mark.parametrize("fused_norm", [None, False])
-def test_prefill_layer_norms_fused(fused_norm):
+@pytest.mark.parametrize("fused_norm,quant_kernels", [(None, True), (None, False), (False, True)])
+def test_prefill_layer_norms_fused(fused_norm, quant_kernels):
     """A Llama decoder layer at 300 tokens (dynamic shapes, a prefill graph): by default
-    (fused_norm=None: CUDA graphs) both RMSNorms run as fp8fx.rms_norm_quant (the
-    post-attention one with the residual add), so no Triton kernel writing fp8 codes
-    computes an RMSNorm; the output matches eager fp8fx."""
+    (fused_norm=None: CUDA graphs) both RMSNorms run fp8fx.rms_norm_quant's kernel (the
+    post-attention one with the residual add), so no Inductor kernel writing fp8 codes
+    computes an RMSNorm: launched by Inductor as a user-defined kernel (its eps, a 0-dim CPU
+    input under dynamic shapes, passed as a scalar), or with quant_kernels=False through the
+    op's wrapper; the output matches eager fp8fx."""
     layer, h, kw = _llama_layer(tokens=300, seed=5)
-    _, y, expect, code = _compiled_layer(layer, h, kw, backend_with(fused_norm=fused_norm), dynamic=True)
+    b = backend_with(fused_norm=fused_norm, quant_kernels=quant_kernels)
+    _, y, expect, code = _compiled_layer(layer, h, kw, b, dynamic=True)
     fp8_writers = [src for name, src in kernel_sources(code).items() if "float8e4nv" in src]
+    body = code[code.index("def call("):]
     if fused_norm is None:
-        assert code.count("extern_kernels.fp8fx_rms_norm_quant(") == 2  # the wrapper, not the dispatcher
         assert counters["fp8fx"]["norm_quant"] == 2 and counters["fp8fx"]["norm_quant_residual"] == 1
         assert not any("rsqrt" in src for src in fp8_writers)
+        if quant_kernels:
+            assert counters["fp8fx"]["quant_kernel_norm"] == 2 and "def _rms_norm_quant_kernel(" in code
+            assert "fp8fx_rms_norm_quant" not in body and ".item()" in body, body
+        else:
+            assert body.count("extern_kernels.fp8fx_rms_norm_quant(") == 2  # the wrapper, not the dispatcher
     else:
         assert "rms_norm_quant" not in code and not counters["fp8fx"]["norm_quant"]
     assert rel_err(y, expect) < 0.02
+
+
+@pytest.mark.parametrize("quant_kernels", [True, False])
+def test_prefill_quant_kernels(quant_kernels):
+    """A Llama decoder layer at 300 tokens (dynamic shapes): by default the SwiGLU product's
+    and the attention output's quantizations run fp8fx's Triton kernel, compiled into
+    Inductor's code and launched from its wrapper (passes/quant_kernel.py): no Inductor kernel
+    writing fp8 codes computes the SiLU. The output matches eager fp8fx, at 300 tokens and at
+    77 through the same graph."""
+    layer, h, kw = _llama_layer(tokens=300, seed=7)
+    compiled, y, expect, code = _compiled_layer(layer, h, kw, backend_with(quant_kernels=quant_kernels), dynamic=True)
+    fp8_writers = [src for name, src in kernel_sources(code).items() if "float8e4nv" in src]
+    body = code[code.index("def call("):]
+    if quant_kernels:
+        assert counters["fp8fx"]["quant_kernel_silu"] == 1 and counters["fp8fx"]["quant_kernel_attention"] == 1
+        assert counters["fp8fx"]["quant_kernel_norm"] == 2
+        assert "def _act_quant_kernel(" in code and body.count("_act_quant_kernel") >= 2, body
+        assert not any("exp" in src for src in fp8_writers)
+    else:
+        assert "_act_quant_kernel" not in code and not counters["fp8fx"]["quant_kernel_silu"]
+    _, h2, kw2 = _llama_layer(tokens=77, seed=8)
+    with torch.no_grad():
+        y2, e2 = compiled(h2, **kw2), layer(h2, **kw2)
+    y2, e2 = (t[0] if isinstance(t, tuple) else t for t in (y2, e2))
+    errs = rel_err(y, expect), rel_err(y2, e2)
+    assert max(errs) < 0.02, errs

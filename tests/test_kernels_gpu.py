@@ -78,6 +78,27 @@ def test_act_quant_bit_exact(m, k, dtype, ue8m0):
     assert torch.equal(sp[:m].cpu(), s_ref)
 
 
+@pytest.mark.parametrize("m,k", [(1, 14336), (300, 1536), (2048, 14336), (5, 768)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_silu_mul_quant_bit_exact(m, k, dtype, ue8m0):
+    """silu(g) * u quantized in one pass, g and u the halves of one [M, 2K] GEMM output: the
+    codes and scales of eager torch's product (on the GPU) quantized by the reference."""
+    from fp8fx.kernels.act_quant import silu_mul_quant
+
+    # heavy-tailed with outliers; fp16 scaled down so that the products stay finite (an inf
+    # product makes its group's scale inf: codes of inf / inf, outside the numerics contract)
+    gu = _x(m, 2 * k, dtype, seed=m + k, outliers=True) * (4 if dtype == torch.bfloat16 else 1 / 1024)
+    gu[0, :128] = 0.0
+    g, u = gu[:, :k], gu[:, k:]
+    q_ref, s_ref = reference.quantize_act(torch.nn.functional.silu(g) * u, 128, "ue8m0" if ue8m0 else "float32")
+    _poison()
+    q, s = silu_mul_quant(g, u, ue8m0, col_major=True)
+    assert s.stride() == (1, m)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s, s_ref)
+
+
 def test_act_quant_static_bit_exact():
     from fp8fx.kernels.act_quant import act_quant_static
 

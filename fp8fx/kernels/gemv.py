@@ -59,11 +59,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fp8fx import reference
-from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid
+from fp8fx.kernels.act_quant import group_scale, interpreting, round_to_e4m3_grid, silu_mul, to_dtype
 from fp8fx.kernels.block_gemm import check_operands, num_sms
 from fp8fx.kernels.grouped_gemm import expert_tile, max_row_tiles
 from fp8fx.kernels.host import cdiv, next_power_of_2
-from fp8fx.kernels.norm_quant import _to_dtype
 
 __all__ = ["GemvConfig", "CONFIGS", "GROUPED_CONFIG", "LAUNCH_VARIANTS", "MAX_CAT", "expert_gemv", "gemv", "gemv_cat",
            "gemv_cat_rms_norm", "gemv_cat_silu_mul", "grouped_block_m", "grouped_gemv", "pick_split"]
@@ -161,7 +160,7 @@ def _row_rsqrt(x_ptr, r_ptr, row0, row_end, K, eps, stride_xm, stride_rm, HAS_RE
     h = tl.load(x_ptr + f_m[:, None].to(tl.int64) * stride_xm + f_k, mask=f_mask, other=0.0)
     if HAS_RES:
         r = tl.load(r_ptr + f_m[:, None].to(tl.int64) * stride_rm + f_k, mask=f_mask, other=0.0)
-        h = _to_dtype(h.to(tl.float32) + r.to(tl.float32), h.dtype, EXACT_CAST)
+        h = to_dtype(h.to(tl.float32) + r.to(tl.float32), h.dtype, EXACT_CAST)
     hf = h.to(tl.float32)
     var = tl.sum(tl.reshape(tl.sum(hf * hf, axis=1), (BLOCK_M, KB_ALL)), axis=1) / K
     if EXACT_CAST:  # the interpreter has no libdevice
@@ -190,20 +189,14 @@ def _prologue(x, x_ptr, r_ptr, nw_ptr, h_ptr, pre_m, pre_k, pre_mask, pid_n, row
         sel = (pre_m - row0)[:, None] == tl.arange(0, BLOCK_M)[None, :]
         inv_pre = tl.sum(tl.where(sel, inv[None, :], 0.0), axis=1)
         if HAS_RES:
-            x = _to_dtype(x.to(tl.float32) + r.to(tl.float32), dtype, EXACT_CAST)
+            x = to_dtype(x.to(tl.float32) + r.to(tl.float32), dtype, EXACT_CAST)
             if pid_n == 0:
                 tl.store(h_ptr + pre_m[:, None].to(tl.int64) * K + pre_k, x, mask=pre_mask)
-        n = _to_dtype(x.to(tl.float32) * inv_pre[:, None], dtype, EXACT_CAST)
-        x = _to_dtype(w.to(tl.float32) * n.to(tl.float32), dtype, EXACT_CAST)
+        n = to_dtype(x.to(tl.float32) * inv_pre[:, None], dtype, EXACT_CAST)
+        x = to_dtype(w.to(tl.float32) * n.to(tl.float32), dtype, EXACT_CAST)
     else:
         u = tl.load(r_ptr + pre_m[:, None].to(tl.int64) * stride_rm + pre_k, mask=pre_mask, other=0.0)
-        g = x.to(tl.float32)
-        if EXACT_CAST:
-            e = tl.exp(-g)
-        else:
-            e = libdevice.exp(-g)  # expf, as torch's silu on CUDA
-        act = _to_dtype(tl.math.div_rn(g, e + 1.0), dtype, EXACT_CAST)
-        x = _to_dtype(act.to(tl.float32) * u.to(tl.float32), dtype, EXACT_CAST)
+        x = silu_mul(x, u, EXACT_CAST)
     return x.to(tl.float32)
 
 

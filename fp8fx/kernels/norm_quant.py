@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fp8fx import reference
-from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile
+from fp8fx.kernels.act_quant import group_scale, interpreting, quantize_tile, to_dtype
 from fp8fx.kernels.host import next_power_of_2
 
 __all__ = ["rms_norm_quant", "MAX_K"]
@@ -38,16 +38,6 @@ def num_warps(k: int) -> int:
     K = 4096 17.8 us at 16 warps (18.8 at 8; Inductor's two kernels 54.2), K = 7168 35.7 (37.3;
     94.1), K = 2048 (4096 rows) 16.9 at 8 (22.0 at 16)."""
     return 16 if k >= 4096 else 8 if k >= 2048 else 4
-
-
-@triton.jit
-def _to_dtype(v, dtype: tl.constexpr, EXACT_CAST: tl.constexpr):
-    """fp32 v -> dtype, round to nearest even. Under TRITON_INTERPRET the bf16 cast truncates
-    (Triton 3.9), so v is first RNE-rounded onto the bf16 grid in fp32, which the cast keeps."""
-    if EXACT_CAST and dtype == tl.bfloat16:
-        bits = v.to(tl.int32, bitcast=True)
-        v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -68,19 +58,20 @@ def _rms_norm_quant_kernel(
     x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_rm + cols, mask=ok, other=0.0)
-        h = _to_dtype(x.to(tl.float32) + r.to(tl.float32), x.dtype, EXACT_CAST)
+        h = to_dtype(x.to(tl.float32) + r.to(tl.float32), x.dtype, EXACT_CAST)
         tl.store(h_ptr + row * K + cols, h, mask=ok)
     else:
         h = x
     hf = h.to(tl.float32)
     var = tl.sum(tl.sum(hf * hf, axis=1), axis=0) / K
-    if EXACT_CAST:  # the interpreter has no libdevice
+    if EXACT_CAST:  # the interpreter has no libdevice (and takes eps as a Python float)
         inv = tl.math.rsqrt(var + eps)
     else:
-        inv = libdevice.rsqrt(var + eps)  # as Inductor and torch.rsqrt on CUDA
-    n = _to_dtype(hf * inv, x.dtype, EXACT_CAST)
+        # eps is float64 where Inductor passes a 0-dim CPU tensor's item() (passes/quant_kernel.py)
+        inv = libdevice.rsqrt(var + eps.to(tl.float32))  # as Inductor and torch.rsqrt on CUDA
+    n = to_dtype(hf * inv, x.dtype, EXACT_CAST)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-    y = _to_dtype(w.to(tl.float32) * n.to(tl.float32), x.dtype, EXACT_CAST).to(tl.float32)  # w * n in x's dtype
+    y = to_dtype(w.to(tl.float32) * n.to(tl.float32), x.dtype, EXACT_CAST).to(tl.float32)  # w * n in x's dtype
     s = group_scale(y, UE8M0)
     tl.store(q_ptr + row * K + cols, quantize_tile(y, s[:, None], EXACT_CAST), mask=ok)
     tl.store(s_ptr + groups.to(tl.int64) * M + row, s, mask=g_ok)
