@@ -78,12 +78,15 @@ def test_compiled_matches_eager(scale_fmt):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_quant_fused_into_triton_producers():
+@pytest.mark.parametrize("quant_kernels", [False, True])
+def test_quant_fused_into_triton_producers(quant_kernels):
+    # quant_kernels=False: Inductor fuses each quantization into its producer's kernel. By
+    # default the SwiGLU product's is fp8fx's kernel, which computes the product itself.
     from torch._inductor.utils import run_and_get_code
 
     model = _model()
     x = torch.randn(33, 256, dtype=BF16, device="cuda")
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    compiled = torch.compile(model, backend=backend_with(quant_kernels=quant_kernels), fullgraph=True, dynamic=True)
     with torch.no_grad():
         _, codes = run_and_get_code(compiled, x)
     code = codes[0]
@@ -92,15 +95,17 @@ def test_quant_fused_into_triton_producers():
     for line in body.splitlines():
         if "extern_kernels.fp8fx_block_gemm(" in line:
             seq.append("gemm")
-        elif (m := re.search(r"\b(triton_\w+)\.run\(", line)) is not None:
+        elif (m := re.search(r"\b((triton|_act_quant)_\w+)\.run\(", line)) is not None:
             seq.append(m.group(1))
     kernels = kernel_sources(code)
-    quant_kernels = [name for name, src in kernels.items() if "float8e4nv" in src]
+    writers = [name for name, src in kernels.items() if "float8e4nv" in src]
     # Each kernel that writes fp8 codes computes its producer too (RMSNorm's rsqrt, SiLU's exp):
     # no standalone quantization kernel reads a materialized activation.
-    assert len(quant_kernels) == 2, seq
-    for name in quant_kernels:
+    assert len(writers) == (1 if quant_kernels else 2), seq
+    for name in writers:
         assert "rsqrt" in kernels[name] or "exp" in kernels[name], name
+    if quant_kernels:
+        assert "silu_mul(x, u, EXACT_CAST)" in code and sum(k.startswith("_act_quant_kernel") for k in seq) == 1, seq
     assert seq.count("gemm") == 3 and seq[-1] == "gemm", seq
     assert "_scaled_mm" not in code  # the GEMM is fp8fx's op, never Inductor's blockwise template
 
@@ -364,3 +369,27 @@ def test_prefill_quant_kernels(quant_kernels):
     y2, e2 = (t[0] if isinstance(t, tuple) else t for t in (y2, e2))
     errs = rel_err(y, expect), rel_err(y2, e2)
     assert max(errs) < 0.02, errs
+
+
+def test_user_kernels_write_only_their_outputs(monkeypatch):
+    """Inductor analyses which arguments a user-defined Triton kernel writes (and treats every
+    argument as written when the analysis fails: the norm's eps, a 0-dim CPU input, once made
+    it fail). For each kernel passes/quant_kernel.py inserts, only its fresh outputs are."""
+    from torch._higher_order_ops import triton_kernel_wrap as W
+
+    found = []
+    name = "identify_accessed_tensors" if hasattr(W, "identify_accessed_tensors") else "identify_mutated_tensors"
+    analyse = getattr(W, name)
+
+    def spy(kernel, kwargs, *args, **kw):
+        out = analyse(kernel, kwargs, *args, **kw)
+        writes = sorted(dep.name for dep in out.read_writes.writes) if hasattr(out, "read_writes") else sorted(out)
+        found.append((kernel.fn.__name__, tuple(writes), "h_ptr" in kwargs and kwargs["HAS_RESIDUAL"]))
+        return out
+
+    monkeypatch.setattr(W, name, spy)
+    layer, h, kw = _llama_layer(tokens=300, seed=9)
+    _compiled_layer(layer, h, kw, backend, dynamic=True)
+    expected = {("_act_quant_kernel", ("q_ptr", "s_ptr"), False), ("_rms_norm_quant_kernel", ("q_ptr", "s_ptr"), False),
+                ("_rms_norm_quant_kernel", ("h_ptr", "q_ptr", "s_ptr"), True)}
+    assert set(found) == expected, found

@@ -67,7 +67,11 @@ def _rms_norm_quant_kernel(
     if EXACT_CAST:  # the interpreter has no libdevice (and takes eps as a Python float)
         inv = tl.math.rsqrt(var + eps)
     else:
-        # eps is float64 where Inductor passes a 0-dim CPU tensor's item() (passes/quant_kernel.py)
+        # eps is float64 where Inductor passes a 0-dim CPU tensor's item() (passes/quant_kernel.py);
+        # Inductor's analysis of which arguments the kernel writes types that input as a
+        # pointer, and it must compile: a load there
+        if eps.dtype.is_ptr():
+            eps = tl.load(eps)
         inv = libdevice.rsqrt(var + eps.to(tl.float32))  # as Inductor and torch.rsqrt on CUDA
     n = to_dtype(hf * inv, x.dtype, EXACT_CAST)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
