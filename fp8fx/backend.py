@@ -76,7 +76,9 @@ class Backend:
             input of down_proj) or of the attention output runs fp8fx's Triton kernel, which
             Inductor compiles and launches like its own, instead of Inductor's fused kernel:
             faster at prefill sizes, and the SwiGLU codes are eager's (the product rounded
-            to bf16 as eager rounds it). False: Inductor's kernels.
+            to bf16 as eager rounds it). The fused RMSNorms (fused_norm) launch the same way
+            instead of through the op's Python wrapper, which costs the host more per call.
+            False: Inductor's kernels and the norm op.
     """
 
     config: BlockFP8Config = BlockFP8Config()

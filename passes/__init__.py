@@ -5,8 +5,8 @@
     norm_quant.py  RMSNorm (+ residual add) feeding an act_quant -> fp8fx.rms_norm_quant
     prologue.py  decode: RMSNorm (+ residual add) or silu(g) * u feeding a linear_cat -> one
                  gemv launch with the producer in its prologue
-    quant_kernel.py  CUDA: the act_quant of silu(g) * u or of the attention output -> fp8fx's
-                 Triton kernel as a user-defined kernel Inductor launches
+    quant_kernel.py  CUDA: the act_quant of silu(g) * u or of the attention output, and the
+                 fused RMSNorms -> fp8fx's Triton kernels as user-defined kernels Inductor launches
     moe.py       (Dynamo graph, from the backend's weight freeze) MoE expert GEMMs on bf16
                  3-D expert weights -> fp8fx.grouped_linear on frozen fp8 constants
     topk.py      aten.topk over short rows (MoE routing) -> fp8fx.topk (one launch on CUDA)
@@ -59,7 +59,8 @@ class PostGradPass(CustomGraphPass):
     (CPU: the reference), False never. ``gemv_prologue`` (same values): a decode RMSNorm or
     SwiGLU product feeding a linear_cat moves into the gemv's prologue (passes/prologue.py).
     ``quant_kernels``: on CUDA, the quantization of a SwiGLU product or of the attention
-    output runs fp8fx's Triton kernel, which Inductor launches (passes/quant_kernel.py).
+    output, and the fused RMSNorms, run fp8fx's Triton kernels, which Inductor launches
+    (passes/quant_kernel.py).
     """
 
     def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True,

@@ -13,8 +13,9 @@
                     with quant_in_gemv=False, block_gemm_cat on the codes (two or more GEMMs)
     (4) fuse norms: transformers' RMSNorm (after a residual add or not) feeding an act_quant
                     -> one fp8fx.rms_norm_quant (passes/norm_quant.py; CUDA graphs by default)
-    (4b) kernels:   CUDA: the act_quant of silu(g) * u or of the attention output -> fp8fx's
-                    Triton kernel, which Inductor launches (passes/quant_kernel.py)
+    (4b) kernels:   CUDA: the act_quant of silu(g) * u or of the attention output, and the
+                    fused norms of (4) -> fp8fx's Triton kernels, which Inductor launches
+                    (passes/quant_kernel.py)
     (5) decompose:  act_quant -> the aten ops below
     # dynamic: x[..., K] -> groups [..., G, 128] (K % 128 != 0 keeps fp8fx.act_quant, unfused)
     amax = x.float().abs().amax(-1)                   # per token, per 128-group
@@ -291,10 +292,10 @@ def rewrite(graph: torch.fx.Graph, quant_in_gemv: bool = True, norm_devices: tup
     """The whole linear rewrite: split, share quantizations of one input, group the decode
     GEMMs of one input (quantizing in the gemv: ``group_gemms``), fuse RMSNorms into the
     quantizations they feed on ``norm_devices`` (passes/norm_quant.py), with ``quant_kernels``
-    quantize SwiGLU products and attention outputs on CUDA with fp8fx's Triton kernel
-    (passes/quant_kernel.py), decompose the quantizations left, then move the RMSNorm or
-    SwiGLU producers of the grouped decode GEMMs into the gemv on ``prologue_devices``
-    (passes/prologue.py)."""
+    quantize SwiGLU products and attention outputs, and launch the fused norms, on CUDA with
+    fp8fx's Triton kernels (passes/quant_kernel.py), decompose the quantizations left, then
+    move the RMSNorm or SwiGLU producers of the grouped decode GEMMs into the gemv on
+    ``prologue_devices`` (passes/prologue.py)."""
     split_linear(graph)
     share_act_quant(graph)
     group_gemms(graph, quant_in_gemv)

@@ -102,7 +102,8 @@ def _attention_rows(x: torch.fx.Node):
     if not (_is(src, operator.getitem) and src.args[1] == 0 and _is(src.args[0], *_attention_ops())):
         return None
     v = _val(node)
-    return node if isinstance(v, torch.Tensor) and _row_major(v) and v.numel() == _val(x).numel() else None
+    ok = isinstance(v, torch.Tensor) and _row_major(v) and statically_known_true(v.numel() == _val(x).numel())
+    return node if ok else None
 
 
 def _rows_stride(v: torch.Tensor):
@@ -111,7 +112,8 @@ def _rows_stride(v: torch.Tensor):
     if v.dim() < 2 or v.stride(-1) != 1 or not isinstance(v.stride(-2), int):
         return None
     for d in range(v.dim() - 2):
-        if not (statically_known_true(v.shape[d] == 1) or statically_known_true(v.stride(d) == v.stride(d + 1) * v.shape[d + 1])):
+        collapses = statically_known_true(v.stride(d) == v.stride(d + 1) * v.shape[d + 1])
+        if not (statically_known_true(v.shape[d] == 1) or collapses):
             return None
     return v.stride(-2)
 
@@ -173,7 +175,7 @@ def _hop(graph, name: str, num_warps: int, grid: tuple, args: dict, outputs: lis
     node = graph.call_function(triton_kernel_wrapper_functional, (), hop)
     with V.fake_mode:
         node.meta["val"] = triton_kernel_wrapper_functional(**torch.fx.map_arg(hop, lambda n: n.meta["val"]))
-    return [_call(graph, operator.getitem, node, name) for name in outputs]
+    return [_call(graph, operator.getitem, node, out) for out in outputs]
 
 
 def _act_quant(graph, like: torch.fx.Node, x, x_stride: int, u, u_stride: int, ue8m0: bool):
@@ -186,9 +188,10 @@ def _act_quant(graph, like: torch.fx.Node, x, x_stride: int, u, u_stride: int, u
     _, t, q, s = out
     k = _val(like).shape[-1]
     args = dict(x_ptr=x, u_ptr=u, q_ptr=q, s_ptr=s, T=t, TP=t, K=k, stride_xt=x_stride, stride_ut=u_stride,
-                stride_qt=k, stride_st=1, stride_sg=t, SILU_MUL=x is not u, UE8M0=bool(ue8m0), EXACT_CAST=interpreting(),
-                BLOCK_T=BLOCK_T, GROUP=128)
-    return _hop(graph, "_act_quant_kernel", NUM_WARPS, (_cdiv(graph, t, BLOCK_T), k // 128, 1), args, ["q_ptr", "s_ptr"])
+                stride_qt=k, stride_st=1, stride_sg=t, SILU_MUL=x is not u, UE8M0=bool(ue8m0),
+                EXACT_CAST=interpreting(), BLOCK_T=BLOCK_T, GROUP=128)
+    grid = (_cdiv(graph, t, BLOCK_T), k // 128, 1)
+    return _hop(graph, "_act_quant_kernel", NUM_WARPS, grid, args, ["q_ptr", "s_ptr"])
 
 
 def _rms_norm_quant(graph, node: torch.fx.Node):
@@ -227,12 +230,17 @@ def _rms_norm_quant(graph, node: torch.fx.Node):
     return outs[0], outs[1], outs[2] if h is not None else None
 
 
+def _empty(v: torch.Tensor) -> bool:
+    """A static size 0 (symbolic sizes are at least 2: Dynamo specializes 0 and 1)."""
+    return any(isinstance(d, int) and d == 0 for d in v.shape)
+
+
 def rewrite(graph: torch.fx.Graph) -> None:
     """Quantize SwiGLU products and attention outputs on CUDA with fp8fx's kernel, and launch
     the fused RMSNorms' kernel from Inductor (module docstring)."""
     for node in list(graph.find_nodes(op="call_function", target=torch.ops.fp8fx.rms_norm_quant.default)):
         vx = _val(node.args[0])
-        if vx.device.type not in DEVICES or any(isinstance(d, int) and d == 0 for d in vx.shape):
+        if vx.device.type not in DEVICES or _empty(vx):
             continue
         with graph.inserting_before(node):
             out = _rms_norm_quant(graph, node)
@@ -250,7 +258,7 @@ def rewrite(graph: torch.fx.Graph) -> None:
             continue
         vx = _val(x)
         k = vx.shape[-1]
-        if vx.device.type not in DEVICES or not isinstance(k, int) or k % 128 or any(isinstance(d, int) and d == 0 for d in vx.shape):
+        if vx.device.type not in DEVICES or not isinstance(k, int) or k % 128 or _empty(vx):
             continue
         with graph.inserting_before(node):
             pair = _silu_mul(x)
