@@ -33,17 +33,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def _sources() -> tuple[str, ...]:
     # The passes, the op definitions they rewrite, the dispatch table that decides the
     # decode grouping and the lowering's choice, the gemv whose limits decide the prologue
-    # rewrite (gemv.prologue_fuses) and the quant kernel that passes/quant_kernel.py puts in
-    # the graph: a change to any changes the compiled graph.
+    # rewrite (gemv.prologue_fuses) and the quant and norm kernels whose source and launch
+    # config passes/quant_kernel.py puts in the graph: a change to any changes the compiled
+    # graph.
     import fp8fx.kernels.act_quant
     import fp8fx.kernels.dispatch
     import fp8fx.kernels.gemv
+    import fp8fx.kernels.norm_quant
     import fp8fx.ops
     import fp8fx.reference
 
     return tuple(sorted(glob.glob(os.path.join(_HERE, "*.py")))) + (
         fp8fx.ops.__file__, fp8fx.reference.__file__, fp8fx.kernels.dispatch.__file__, fp8fx.kernels.gemv.__file__,
-        fp8fx.kernels.act_quant.__file__)
+        fp8fx.kernels.act_quant.__file__, fp8fx.kernels.norm_quant.__file__)
 
 
 class PostGradPass(CustomGraphPass):

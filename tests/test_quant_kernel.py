@@ -225,6 +225,10 @@ def test_cuda_only_by_default_and_off_with_false():
 
 
 def test_uuid_includes_quant_kernels():
-    from fp8fx.passes import PostGradPass
+    # the option, and the kernel sources the rewrite puts into compiled graphs (a cached graph
+    # must not outlive an edit to them)
+    from fp8fx.kernels import act_quant, norm_quant
+    from fp8fx.passes import PostGradPass, _sources
 
     assert PostGradPass(quant_kernels=True).uuid() != PostGradPass(quant_kernels=False).uuid()
+    assert act_quant.__file__ in _sources() and norm_quant.__file__ in _sources()
