@@ -66,16 +66,13 @@ def _attention_ops() -> tuple:
 
 
 @functools.cache
-def _kernel(name: str, num_warps: int):
-    """fp8fx's Triton kernel ``name`` with its launch config, as a one-config autotuner (how a
+def _kernel(fn, num_warps: int):
+    """Triton kernel ``fn`` with its launch config, as a one-config autotuner (how a
     user-defined Triton kernel carries num_warps into Inductor); one object per config, so
     the side table holds each once."""
     import triton
 
-    from fp8fx.kernels import act_quant, norm_quant
-
-    fn = {"_act_quant_kernel": act_quant._act_quant_kernel, "_rms_norm_quant_kernel": norm_quant._rms_norm_quant_kernel}
-    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(fn[name])
+    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(fn)
 
 
 def _row_major(v: torch.Tensor) -> bool:
@@ -163,13 +160,13 @@ def _outputs(graph, like: torch.fx.Node, source: torch.fx.Node):
     return lead, t, q, s
 
 
-def _hop(graph, name: str, num_warps: int, grid: tuple, args: dict, outputs: list[str]) -> list[torch.fx.Node]:
-    """A triton_kernel_wrapper_functional node launching kernel ``name`` on ``args`` (nodes,
+def _hop(graph, fn, num_warps: int, grid: tuple, args: dict, outputs: list[str]) -> list[torch.fx.Node]:
+    """A triton_kernel_wrapper_functional node launching Triton kernel ``fn`` on ``args`` (nodes,
     ints, floats, bools), writing the fresh buffers ``outputs``; their getitem nodes."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
     from torch._inductor.virtualized import V
 
-    hop = dict(kernel_idx=kernel_side_table.add_kernel(_kernel(name, num_warps)),
+    hop = dict(kernel_idx=kernel_side_table.add_kernel(_kernel(fn, num_warps)),
                constant_args_idx=kernel_side_table.add_constant_args({}), grid=[grid], tma_descriptor_metadata={},
                kwargs=args, tensors_to_clone=outputs)
     node = graph.call_function(triton_kernel_wrapper_functional, (), hop)
@@ -180,7 +177,7 @@ def _hop(graph, name: str, num_warps: int, grid: tuple, args: dict, outputs: lis
 
 def _act_quant(graph, like: torch.fx.Node, x, x_stride: int, u, u_stride: int, ue8m0: bool):
     """Nodes quantizing rows x (silu(x) * u where u is not x) shaped like ``like``: (q, s) or None."""
-    from fp8fx.kernels.act_quant import interpreting
+    from fp8fx.kernels.act_quant import _act_quant_kernel, interpreting
 
     out = _outputs(graph, like, x)
     if out is None:
@@ -191,7 +188,7 @@ def _act_quant(graph, like: torch.fx.Node, x, x_stride: int, u, u_stride: int, u
                 stride_qt=k, stride_st=1, stride_sg=t, SILU_MUL=x is not u, UE8M0=bool(ue8m0),
                 EXACT_CAST=interpreting(), BLOCK_T=BLOCK_T, GROUP=128)
     grid = (_cdiv(graph, t, BLOCK_T), k // 128, 1)
-    return _hop(graph, "_act_quant_kernel", NUM_WARPS, grid, args, ["q_ptr", "s_ptr"])
+    return _hop(graph, _act_quant_kernel, NUM_WARPS, grid, args, ["q_ptr", "s_ptr"])
 
 
 def _rms_norm_quant(graph, node: torch.fx.Node):
@@ -199,7 +196,7 @@ def _rms_norm_quant(graph, node: torch.fx.Node):
     cannot be expressed (strides that are not static, an eps that is not a graph input)."""
     from fp8fx.kernels.act_quant import interpreting
     from fp8fx.kernels.host import next_power_of_2
-    from fp8fx.kernels.norm_quant import GROUP, num_warps
+    from fp8fx.kernels.norm_quant import GROUP, _rms_norm_quant_kernel, num_warps
 
     x, residual, weight, eps_tensor, eps, ue8m0 = node.args
     vx, vw = _val(x), _val(weight)
@@ -225,7 +222,7 @@ def _rms_norm_quant(graph, node: torch.fx.Node):
                 q_ptr=q, s_ptr=s, M=t, K=k, eps=eps, stride_xm=strides[0], stride_rm=strides[-1],
                 HAS_RESIDUAL=residual is not None, UE8M0=bool(ue8m0), EXACT_CAST=interpreting(), BLOCK_G=block_g,
                 GROUP=GROUP)
-    outs = _hop(graph, "_rms_norm_quant_kernel", num_warps(block_g * GROUP), (t, 1, 1), args,
+    outs = _hop(graph, _rms_norm_quant_kernel, num_warps(block_g * GROUP), (t, 1, 1), args,
                 ["q_ptr", "s_ptr"] + (["h_ptr"] if h is not None else []))
     return outs[0], outs[1], outs[2] if h is not None else None
 
@@ -233,6 +230,16 @@ def _rms_norm_quant(graph, node: torch.fx.Node):
 def _empty(v: torch.Tensor) -> bool:
     """A static size 0 (symbolic sizes are at least 2: Dynamo specializes 0 and 1)."""
     return any(isinstance(d, int) and d == 0 for d in v.shape)
+
+
+def _replace(graph, node: torch.fx.Node, outs) -> None:
+    """Readers of getitem(node, i) read outs[i]; the getitems and node go (an unread getitem
+    may have no replacement, None)."""
+    for use in list(node.users):
+        if outs[use.args[1]] is not None:
+            use.replace_all_uses_with(outs[use.args[1]])
+        graph.erase_node(use)
+    graph.erase_node(node)
 
 
 def rewrite(graph: torch.fx.Graph) -> None:
@@ -246,11 +253,7 @@ def rewrite(graph: torch.fx.Graph) -> None:
             out = _rms_norm_quant(graph, node)
         if out is None or (out[2] is None and any(use.args[1] == 2 and use.users for use in node.users)):
             continue
-        for use in list(node.users):  # getitem(rms_norm_quant, 0 / 1 / 2); without a residual, 2 is unread
-            if out[use.args[1]] is not None:
-                use.replace_all_uses_with(out[use.args[1]])
-            graph.erase_node(use)
-        graph.erase_node(node)
+        _replace(graph, node, out)  # without a residual, getitem 2 is unread
         counters[COUNTER]["quant_kernel_norm"] += 1
     for node in list(graph.find_nodes(op="call_function", target=torch.ops.fp8fx.act_quant.default)):
         x, group_size, ue8m0 = node.args
@@ -277,9 +280,5 @@ def rewrite(graph: torch.fx.Graph) -> None:
                 kind = "quant_kernel_attention"
         if out is None:
             continue
-        q, s = out
-        for use in list(node.users):  # getitem(act_quant, 0 / 1)
-            use.replace_all_uses_with((q, s)[use.args[1]])
-            graph.erase_node(use)
-        graph.erase_node(node)
+        _replace(graph, node, out)
         counters[COUNTER][kind] += 1
