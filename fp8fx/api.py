@@ -6,6 +6,11 @@ What is converted:
                                                              experts modules, untransposed)
 What stays in high precision (and is reported): the output embedding / lm_head, tied
 weights, excluded modules, shapes an FP8 GEMM cannot take (N or K not a multiple of 16).
+
+Projections of one input (q/k/v, gate/up: PROJECTION_GROUPS) are then packed: their codes
+and scales become row ranges of one buffer each (pack_projections), so a compiled prefill
+runs them as one GEMM (passes/linear.py, fp8fx::block_gemm_cat). Nothing is copied at run
+time and no memory is added; eager calls read their own rows as before.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ __all__ = [
     "LayerRecord",
     "expert_param_names",
     "quantize_weight_chunked",
+    "pack_projections",
+    "PROJECTION_GROUPS",
 ]
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 # Rows quantized at a time: bounds quantize_'s temporaries to a few of these, not a layer.
 _CHUNK_ELEMS = 1 << 24
 _GEMM_ALIGN = 16  # fp8 GEMMs need 16-byte rows: N and K multiples of 16
+# Child linears of one module that read one input in transformers' models, in the order
+# their weights are packed (the order the model calls them in).
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass
@@ -175,11 +185,74 @@ def plan_quantization(
     return plan
 
 
+def _packable(weights: list) -> bool:
+    """BlockFP8Tensor 2-D weights of one K, block, scale dtype, dtype and device, with no
+    static activation scale, each N a whole number of weight blocks (so the scale rows split
+    where the code rows do)."""
+    if not all(isinstance(w, BlockFP8Tensor) and w.dim() == 2 and w.act_scale is None for w in weights):
+        return False
+    first = weights[0]
+    return all(
+        w.shape[1] == first.shape[1] and w.block_size == first.block_size and w.scale.dtype == first.scale.dtype
+        and w.orig_dtype == first.orig_dtype and w.device == first.device and w.shape[0] % w.block_size[0] == 0
+        and w.scale.shape == (w.shape[0] // w.block_size[0], first.scale.shape[1])
+        for w in weights
+    )
+
+
+def packed_rows(tensors: list) -> bool:
+    """``tensors`` are contiguous row ranges of one buffer, back to back in list order (what
+    pack_projections makes of codes and of scales). Works on fake tensors."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (t.dim() != 2 or not t.is_contiguous() or t.shape[1] != first.shape[1] or t.storage_offset() != offset
+                or t.untyped_storage()._cdata != first.untyped_storage()._cdata):
+            return False
+        offset += t.numel()
+    return True
+
+
+def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
+    """Pack the quantized weights of each group of sibling linears (a module's q_proj, k_proj,
+    v_proj; gate_proj, up_proj) into one codes buffer and one scales buffer, in place: each
+    weight keeps its object and values, its ``qdata`` and ``scale`` become row ranges of the
+    joint buffers. A compiled prefill then runs the group as one GEMM; eager calls and
+    state_dict are unchanged. Groups that are not all quantized alike are left as they are.
+    Returns the packed groups' qualified names ("model.layers.0.self_attn.{q,k,v}_proj").
+
+    Moving the model afterwards (``model.to``) copies each weight on its own, which unpacks
+    it; a compiled graph then runs one GEMM per weight. Call this again after a move."""
+    packed = []
+    for mname, module in model.named_modules():
+        for names in groups:
+            children = [module._modules.get(n) for n in names]
+            if any(c is None or not isinstance(getattr(c, "weight", None), BlockFP8Tensor) for c in children):
+                continue
+            weights = [c.weight for c in children]
+            if not _packable(weights) or len({id(w) for w in weights}) != len(weights):
+                continue
+            if packed_rows([w.qdata for w in weights]) and packed_rows([w.scale for w in weights]):
+                continue  # already packed
+            with torch.no_grad():
+                codes = torch.cat([w.qdata for w in weights])
+                scales = torch.cat([w.scale for w in weights])
+                row = srow = 0
+                for w in weights:
+                    n, ns = w.qdata.shape[0], w.scale.shape[0]
+                    w.qdata, w.scale = codes[row:row + n], scales[srow:srow + ns]
+                    row, srow = row + n, srow + ns
+            prefix = f"{mname}." if mname else ""
+            packed.append(prefix + "{" + ",".join(names) + "}")
+    return packed
+
+
 def quantize_(
     model: nn.Module,
     config: Optional[BlockFP8Config] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     progress: Optional[bool] = None,
+    pack: bool = True,
 ) -> QuantizeReport:
     """Replace eligible weights of ``model`` with block-FP8 ``BlockFP8Tensor`` parameters.
 
@@ -188,6 +261,8 @@ def quantize_(
         config: a BlockFP8Config (defaults: 128x128 blocks, float32 scales, dynamic activations).
         filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps a module as it is.
         progress: show a progress bar (default: when stderr is a terminal).
+        pack: pack sibling projections (q/k/v, gate/up) into one buffer each
+            (pack_projections), so a compiled prefill runs each group as one GEMM.
 
     Every weight is checked before any is changed, so a failure leaves the model as it was.
     Weights are converted one at a time; the original is released right after.
@@ -223,6 +298,10 @@ def quantize_(
         del w
     if not todo and not report.notes:
         report.notes.append("nothing eligible to quantize; the model is unchanged")
+    packed = pack_projections(model) if pack else []
+    if packed:
+        report.notes.append(f"{len(packed)} groups of projections of one input packed into one buffer each "
+                            f"(one GEMM per group at prefill), e.g. {packed[0]}")
     if any(pname != "weight" for _, _, pname in todo):
         from fp8fx.moe import use_fp8_experts
 

@@ -127,7 +127,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, max_shard_size: in
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append({})
             size = 0
-        shards[-1][name] = t.contiguous().cpu()
+        t = t.contiguous().cpu()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a row range of a packed buffer (pack_projections): safetensors saves whole storages
+        shards[-1][name] = t
         size += nbytes
 
     metadata = {"format": "pt", "producer": "fp8fx", "tied": json.dumps(tied)}
@@ -160,6 +163,7 @@ class LoadReport:
     plain_tensors: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    packed: list[str] = field(default_factory=list)  # api.pack_projections' groups
 
 
 class _Checkpoint:
@@ -279,13 +283,16 @@ def load_quantized(
     strict: bool = True,
     device: Optional[torch.device | str] = None,
     block_size: tuple[int, int] = (128, 128),
+    pack: bool = True,
 ) -> LoadReport:
     """Load a block-FP8 checkpoint into ``model`` (materialized or on the meta device).
 
     Weights with a ``*_scale_inv`` sibling become BlockFP8Tensor parameters, everything else
     loads as it is. Tied parameters stay tied. ``device`` is where tensors go for a model on
     the meta device (default: CPU); otherwise each tensor goes where its parameter is.
-    With ``strict``, missing and unexpected keys are errors.
+    With ``strict``, missing and unexpected keys are errors. With ``pack``, sibling
+    projections (q/k/v, gate/up) are then packed into one buffer each
+    (fp8fx.api.pack_projections; skipped while any parameter is still on the meta device).
     """
     path = Path(path)
     ckpt = _Checkpoint(path)
@@ -354,4 +361,8 @@ def load_quantized(
     for entries, new in assignments:
         for _, module, pname, _, is_param in entries:
             (module._parameters if is_param else module._buffers)[pname] = new
+    if pack and not any(t.is_meta for t in model.parameters()):
+        from fp8fx.api import pack_projections
+
+        report.packed = pack_projections(model)
     return report

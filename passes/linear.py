@@ -4,7 +4,10 @@
 ==> (1) split:      xq, s = fp8fx.act_quant(x, 128, ue8m0); y = fp8fx.block_gemm(xq, s, ...)
                     (static act_scale: the aten quant below directly)
     (2) share:      one act_quant per distinct x (q/k/v, gate/up read the same codes)
-    (3) group:      decode (static M at which the concatenated GEMM, or each GEMM alone, takes
+    (3) group:      prefill (any M): block_gemms of one act_quant whose weights are packed
+                    into one buffer (quantize_ packs q/k/v and gate/up) -> one
+                    fp8fx.block_gemm_cat, one GEMM over the packed rows, each GEMM a slice;
+                    decode (static M at which the concatenated GEMM, or each GEMM alone, takes
                     the gemv route): the block_gemms of one act_quant (q/k/v, gate/up; o and
                     down alone) -> one fp8fx.linear_cat on x, each GEMM a column slice: a
                     gemv launch that quantizes x in the kernel (an M = 1 RMSNorm cannot take
@@ -212,6 +215,16 @@ def _quant_in_gemv_ok(src: torch.fx.Node, wscale_dtype, out_dtype) -> bool:
             and _val(x).dtype == out_dtype)
 
 
+def _packed(run: list[torch.fx.Node]) -> bool:
+    """The run's weights and scales are back-to-back row ranges of one buffer each, in run
+    order (api.pack_projections), with no biases: block_gemm_cat runs them as one GEMM."""
+    from fp8fx.api import packed_rows
+
+    if any(node.args[4] is not None for node in run):
+        return False
+    return all(packed_rows([_val(node.args[i]) for node in run]) for i in (2, 3))
+
+
 def _replace_run(graph, run, target, args, lead_dims: int) -> None:
     """One ``target(*args)`` node before run[0] whose output is the run's outputs side by side;
     each member becomes its column slice."""
@@ -236,7 +249,8 @@ def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
       fp8fx.linear_cat on the act_quant's input (one launch that quantizes in the kernel; a
       single GEMM too), so no quant kernel runs after the producer; not under max-autotune,
       which benchmarks the block_gemm lowering's choices instead;
-    - else, two or more on the GEMM route -> one fp8fx.block_gemm_cat;
+    - else, two or more on the GEMM route, or (prefill, any M) two or more whose weights
+      pack_projections packed into one buffer -> one fp8fx.block_gemm_cat (one GEMM);
     sliced back per GEMM. Groups of more than gemv.MAX_CAT GEMMs are cut into runs of that size."""
     from fp8fx.kernels.gemv import MAX_CAT
     from fp8fx.passes.lowering import _max_autotune
@@ -269,7 +283,7 @@ def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
                              len(lead))
                 counters[COUNTER]["linear_cat"] += 1
                 counters[COUNTER]["linear_cat_members"] += len(run)
-            elif len(run) >= 2 and _one_launch(m, ns, k, out_dtype, device):
+            elif len(run) >= 2 and (_one_launch(m, ns, k, out_dtype, device) or _packed(run)):
                 _replace_run(graph, run, torch.ops.fp8fx.block_gemm_cat.default,
                              (xq, xs, *weights, list(block_size), out_dtype), len(lead))
                 counters[COUNTER]["block_gemm_cat"] += 1

@@ -232,15 +232,48 @@ def _cat_rows(x, qweights, biases, block_size, out_dtype, **route) -> int:
     return m if ok else 0
 
 
+# Packed weight lists (api.pack_projections) -> (codes, scales) spanning them, kept while every
+# member lives at the address it had: (weakrefs, data pointers, joint codes, joint scales).
+_JOINT: dict[tuple[int, ...], tuple[list, tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+
+
+def _joint_weight(qweights, wscales):
+    """One [sum N, K] codes tensor and one scales tensor over ``qweights`` / ``wscales`` when
+    each list is back-to-back row ranges of one buffer (api.pack_projections made them so),
+    else None. The views are cached per list, so the GEMM's route and prepared scale caches
+    see one tensor every call."""
+    members = (*qweights, *wscales)
+    key = tuple(map(id, members))
+    ptrs = tuple(t.data_ptr() for t in members)
+    hit = _JOINT.get(key)
+    if hit is not None and hit[1] == ptrs and all(r() is t for r, t in zip(hit[0], members)):
+        return hit[2], hit[3]
+    from fp8fx.api import packed_rows
+
+    if not (packed_rows(list(qweights)) and packed_rows(list(wscales))):
+        return None
+    k, nk = qweights[0].shape[1], wscales[0].shape[1]
+    n, ns = sum(w.shape[0] for w in qweights), sum(s.shape[0] for s in wscales)
+    codes, scales = qweights[0].as_strided((n, k), (k, 1)), wscales[0].as_strided((ns, nk), (nk, 1))
+    if len(_JOINT) >= _MAX_ROUTES:
+        _JOINT.clear()
+    _JOINT[key] = ([weakref.ref(t) for t in members], ptrs, codes, scales)
+    return codes, scales
+
+
 def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype):
     """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the weights fit one (_cat_rows,
-    decode); otherwise block_gemm per weight."""
+    decode); else one GEMM over packed weights (api.pack_projections; prefill); otherwise
+    block_gemm per weight, concatenated."""
     from fp8fx.kernels.gemv import gemv_cat
 
     _check_cuda(xq, xs, *qweights, *wscales, *biases)
     static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
     m = _cat_rows(xq, qweights, biases, block_size, out_dtype, static_act=static)
     if not m:
+        joint = _joint_weight(qweights, wscales) if all(b is None for b in biases) else None
+        if joint is not None:
+            return block_gemm_cuda(xq, xs, *joint, None, block_size, out_dtype)
         return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
                           for w, s, b in zip(qweights, wscales, biases)], -1)
     y = gemv_cat(xq.reshape(m, -1), xs if static else xs.reshape(m, -1), qweights, wscales, biases, out_dtype)
