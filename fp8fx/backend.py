@@ -99,8 +99,9 @@ class Backend:
         if isinstance(self.options, dict):
             object.__setattr__(self, "options", tuple(sorted(self.options.items())))
 
-    def inductor_config(self) -> dict[str, Any]:
-        """The Inductor config entries patched during this backend's compiles."""
+    def inductor_config(self, packing: str = "") -> dict[str, Any]:
+        """The Inductor config entries patched during this backend's compiles. ``packing``
+        (packing_signature of the compile's inputs) enters the pass's uuid."""
         from torch._inductor import config as inductor_config, list_mode_options
 
         from fp8fx.passes import PostGradPass
@@ -114,7 +115,7 @@ class Backend:
             patches["triton.cudagraphs"] = self.cudagraphs
         patches.update(self.options)
         patches["post_grad_custom_post_pass"] = PostGradPass(self.config, self.quant_in_gemv, self.fused_topk, self.fused_norm,
-                                                              self.gemv_prologue, self.quant_kernels)
+                                                              self.gemv_prologue, self.quant_kernels, packing)
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -125,13 +126,14 @@ class Backend:
 
         lowering.register()
         report, gm, example_inputs, keep = self.prepare(gm, example_inputs)
+        patches = self.inductor_config(packing_signature(gm, example_inputs))
         if self.config.kernel == "auto":
-            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
         else:  # the lowering's default choice follows the preference too
             from fp8fx.kernels import dispatch
 
             with dispatch.preference(self.config.kernel):
-                compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config())
+                compiled = compile_fx(gm, example_inputs, config_patches=patches)
         if report is not None:  # only once the compile went through (Dynamo may restart it)
             _LAST_REPORT = report
         if self.config.kernel != "auto" and torch.cuda.is_available():
@@ -217,6 +219,31 @@ def _param_fqn(node: torch.fx.Node) -> Optional[tuple[str, str]]:
     if not params:
         return None
     return ".".join(_MODULE_RE.findall(name)), params[-1]
+
+
+def packing_signature(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str:
+    """Which weights of a compile share a buffer, and where in it each starts
+    (api.pack_projections): the tensors the graph module holds (``prepare`` puts quantized
+    weights' codes and scales there) and its inputs (a BlockFP8Tensor's codes). The post-grad
+    pass groups packed weights into one GEMM, but Inductor's FX graph cache keys tensors
+    without their storage offsets: this enters the pass's uuid, so a graph compiled for packed
+    weights is never reused for unpacked ones (nor the reverse). Empty when nothing shares."""
+    named = [(f"input {i}", t.qdata if isinstance(t, BlockFP8Tensor) else t) for i, t in enumerate(example_inputs)]
+    named += [(n.target, _attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"]
+    owners: dict[int, str] = {}
+    parts = []
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and not isinstance(t, BlockFP8Tensor) and t.numel():
+            first = owners.setdefault(t.untyped_storage()._cdata, name)
+            if first != name:
+                parts.append(f"{name}:{first}:{t.storage_offset()}")
+    return ",".join(parts)
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    for part in target.split("."):
+        gm = getattr(gm, part)
+    return gm
 
 
 def linear_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):

@@ -62,17 +62,21 @@ class PostGradPass(CustomGraphPass):
     SwiGLU product feeding a linear_cat moves into the gemv's prologue (passes/prologue.py).
     ``quant_kernels``: on CUDA, the quantization of a SwiGLU product or of the attention
     output, and the fused RMSNorms, run fp8fx's Triton kernels, which Inductor launches
-    (passes/quant_kernel.py).
+    (passes/quant_kernel.py). ``packing`` (backend.packing_signature: which weight inputs
+    share a buffer) enters the uuid only, like ``config``: the rewrite reads it from the
+    graph's fake tensors.
     """
 
     def __init__(self, config: Optional[object] = None, quant_in_gemv: bool = True, fused_topk: bool = True,
-                 fused_norm: Optional[bool] = None, gemv_prologue: Optional[bool] = None, quant_kernels: bool = True):
+                 fused_norm: Optional[bool] = None, gemv_prologue: Optional[bool] = None, quant_kernels: bool = True,
+                 packing: str = ""):
         self.config = config
         self.quant_in_gemv = quant_in_gemv
         self.fused_topk = fused_topk
         self.fused_norm = fused_norm
         self.gemv_prologue = gemv_prologue
         self.quant_kernels = quant_kernels
+        self.packing = packing
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from fp8fx.passes import linear, topk
@@ -88,6 +92,6 @@ class PostGradPass(CustomGraphPass):
 
         # The kernel preference (FP8FX_KERNEL, set_preference) changes the grouping too.
         extra = f"{self.config!r} {self.quant_in_gemv} {self.fused_topk} {self.fused_norm} {self.gemv_prologue} "
-        extra += f"{self.quant_kernels} "
+        extra += f"{self.quant_kernels} {self.packing} "
         extra += dispatch.get_preference()
         return get_hash_for_files(_sources(), extra=extra)

@@ -256,6 +256,7 @@ def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
     from fp8fx.passes.lowering import _max_autotune
 
     quant_in_gemv = quant_in_gemv and not _max_autotune()
+    packed = not _max_autotune()  # max-autotune benchmarks each block_gemm's choices instead
     order = {node: i for i, node in enumerate(graph.nodes)}
     groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="call_function", target=torch.ops.fp8fx.block_gemm.default):
@@ -283,7 +284,7 @@ def group_gemms(graph: torch.fx.Graph, quant_in_gemv: bool = True) -> None:
                              len(lead))
                 counters[COUNTER]["linear_cat"] += 1
                 counters[COUNTER]["linear_cat_members"] += len(run)
-            elif len(run) >= 2 and (_one_launch(m, ns, k, out_dtype, device) or _packed(run)):
+            elif len(run) >= 2 and (_one_launch(m, ns, k, out_dtype, device) or packed and _packed(run)):
                 _replace_run(graph, run, torch.ops.fp8fx.block_gemm_cat.default,
                              (xq, xs, *weights, list(block_size), out_dtype), len(lead))
                 counters[COUNTER]["block_gemm_cat"] += 1

@@ -1,5 +1,8 @@
+import contextlib
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from fp8fx import reference
 
@@ -183,3 +186,14 @@ def check_norm_quant(q, s, h, x, r, w, eps, ue8m0):
     y = reference.rms_norm(h_ref, w, eps)
     assert rel_err(reference.dequantize_act(q, s), y) < 0.04  # fp8 e4m3: ~2**-4 relative per value
     assert rel_err(reference.dequantize_act(q, s), reference.dequantize_act(q_ref, s_ref)) < 0.02
+
+
+@contextlib.contextmanager
+def fresh_compile():
+    """No FX-graph / AOT cache hits (they would skip the passes whose counters we check),
+    fresh counters and Dynamo state; config restored on exit."""
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()

@@ -6,7 +6,6 @@ an intended change: ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_backend.py
 review the diff.
 """
 
-import contextlib
 import copy
 import re
 
@@ -20,7 +19,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
 import fp8fx
-from conftest import compile_post_grad, heavy_tailed, rel_err
+from conftest import compile_post_grad, fresh_compile, heavy_tailed, rel_err
 from fp8fx import BlockFP8Config, BlockFP8Tensor, reference as R
 from fp8fx.backend import Backend, backend, backend_with, last_report
 from fp8fx.explain import explain, post_grad_backend
@@ -103,17 +102,6 @@ def post_grad(model, *args, config=None, dynamic=True, quant_in_gemv=True, **kwa
     return compile_post_grad(model, *args, kwargs=kwargs, dynamic=dynamic, config=config, quant_in_gemv=quant_in_gemv)[1]
 
 
-@contextlib.contextmanager
-def fresh_compile():
-    """No FX-graph / AOT cache hits (they would skip the passes whose counters we check),
-    fresh counters and Dynamo state; config restored on exit."""
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
-
-
 def compile_and_code(model, *args, b=backend, **kwargs):
     """Compile with fp8fx.backend, run once; (output, generated code of the one graph)."""
     compiled = torch.compile(model, backend=b, fullgraph=True, dynamic=True)
@@ -125,11 +113,12 @@ def compile_and_code(model, *args, b=backend, **kwargs):
 
 def call_sequence(code: str) -> list[str]:
     """The generated ``call`` body as a list: 'kernel:<name>' for each fused kernel launch and
-    'gemm' for each block-FP8 GEMM call (passes/lowering.py's extern), in order."""
+    'gemm' for each block-FP8 GEMM call (passes/lowering.py's externs, a packed group's
+    fp8fx_block_gemm_cat included), in order."""
     body = code[code.index("def call(") :]
     seq = []
     for line in body.splitlines():
-        if "extern_kernels.fp8fx_block_gemm(" in line:
+        if "extern_kernels.fp8fx_block_gemm(" in line or "extern_kernels.fp8fx_block_gemm_cat(" in line:
             seq.append("gemm")
         elif (m := re.match(r"\s+(cpp_fused\w*)\(", line)) is not None:
             seq.append("kernel:" + m.group(1))
@@ -326,31 +315,32 @@ v19: f32[s0, s1, 2, 128] = aten.clamp_min(v18, -448.0)
 v20: f32[s0, s1, 2, 128] = aten.clamp_max(v19, 448.0)
 v21: f8e4m3[s0, s1, 2, 128] = prims.convert_element_type(v20, f8e4m3)
 v22: f8e4m3[s0, s1, 256] = aten.view(v21, [s0, s1, 256])
-v23: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in0, in1, None, [128, 128], bf16)
-v24: f32[s0, s1, 512] = prims.convert_element_type(v23, f32)
-v25: f32[s0, s1, 512] = aten.neg(v24)
-v26: f32[s0, s1, 512] = aten.exp(v25)
-v27: f32[s0, s1, 512] = aten.add(v26, 1)
-v28: f32[s0, s1, 512] = aten.div(v24, v27)
-v29: bf16[s0, s1, 512] = prims.convert_element_type(v28, bf16)
-v30: bf16[s0, s1, 512] = fp8fx.block_gemm(v22, v16, in2, in3, None, [128, 128], bf16)
-v31: bf16[s0, s1, 512] = aten.mul(v29, v30)
-v32: f32[s0, s1, 512] = prims.convert_element_type(v31, f32)
-v33: f32[s0, s1, 4, 128] = aten.view(v32, [s0, s1, 4, 128])
-v34: f32[s0, s1, 4, 128] = aten.abs(v33)
-v35: f32[s0, s1, 4] = aten.amax(v34, [-1])
-v36: f32[s0, s1, 4] = aten.clamp_min(v35, 1e-12)
-v37: f32[s0, s1, 4] = aten.clamp_min(v36, 448.0)
-v38: f32[s0, s1, 4] = aten.clamp_max(v37, 448.0)
-v39: f32[s0, s1, 4] = aten.div(v36, v38)
-v40: f32[s0, s1, 4, 1] = aten.unsqueeze(v39, -1)
-v41: f32[s0, s1, 4, 128] = aten.div(v33, v40)
-v42: f32[s0, s1, 4, 128] = aten.clamp_min(v41, -448.0)
-v43: f32[s0, s1, 4, 128] = aten.clamp_max(v42, 448.0)
-v44: f8e4m3[s0, s1, 4, 128] = prims.convert_element_type(v43, f8e4m3)
-v45: f8e4m3[s0, s1, 512] = aten.view(v44, [s0, s1, 512])
-v46: bf16[s0, s1, 256] = fp8fx.block_gemm(v45, v39, in4, in5, None, [128, 128], bf16)
-return (v46,)""")
+v23: bf16[s0, s1, 1024] = fp8fx.block_gemm_cat(v22, v16, [in0, in2], [in1, in3], [None, None], [128, 128], bf16)
+v24: bf16[s0, s1, 512] = aten.slice(v23, 2, 0, 512)
+v25: bf16[s0, s1, 512] = aten.slice(v23, 2, 512, 1024)
+v26: f32[s0, s1, 512] = prims.convert_element_type(v24, f32)
+v27: f32[s0, s1, 512] = aten.neg(v26)
+v28: f32[s0, s1, 512] = aten.exp(v27)
+v29: f32[s0, s1, 512] = aten.add(v28, 1)
+v30: f32[s0, s1, 512] = aten.div(v26, v29)
+v31: bf16[s0, s1, 512] = prims.convert_element_type(v30, bf16)
+v32: bf16[s0, s1, 512] = aten.mul(v31, v25)
+v33: f32[s0, s1, 512] = prims.convert_element_type(v32, f32)
+v34: f32[s0, s1, 4, 128] = aten.view(v33, [s0, s1, 4, 128])
+v35: f32[s0, s1, 4, 128] = aten.abs(v34)
+v36: f32[s0, s1, 4] = aten.amax(v35, [-1])
+v37: f32[s0, s1, 4] = aten.clamp_min(v36, 1e-12)
+v38: f32[s0, s1, 4] = aten.clamp_min(v37, 448.0)
+v39: f32[s0, s1, 4] = aten.clamp_max(v38, 448.0)
+v40: f32[s0, s1, 4] = aten.div(v37, v39)
+v41: f32[s0, s1, 4, 1] = aten.unsqueeze(v40, -1)
+v42: f32[s0, s1, 4, 128] = aten.div(v34, v41)
+v43: f32[s0, s1, 4, 128] = aten.clamp_min(v42, -448.0)
+v44: f32[s0, s1, 4, 128] = aten.clamp_max(v43, 448.0)
+v45: f8e4m3[s0, s1, 4, 128] = prims.convert_element_type(v44, f8e4m3)
+v46: f8e4m3[s0, s1, 512] = aten.view(v45, [s0, s1, 512])
+v47: bf16[s0, s1, 256] = fp8fx.block_gemm(v46, v40, in4, in5, None, [128, 128], bf16)
+return (v47,)""")
 
     def test_ue8m0_scales(self):
         g = post_grad(_build(Proj, config=BlockFP8Config(scale_fmt="ue8m0")), torch.randn(5, 256, dtype=BF16))
@@ -454,100 +444,102 @@ v41: f32[1, s0, 2, 128] = aten.clamp_min(v40, -448.0)
 v42: f32[1, s0, 2, 128] = aten.clamp_max(v41, 448.0)
 v43: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v42, f8e4m3)
 v44: f8e4m3[1, s0, 256] = aten.view(v43, [1, s0, 256])
-v45: bf16[1, s0, 256] = fp8fx.block_gemm(v44, v38, in0, in1, None, [128, 128], bf16)
-v46: bf16[1, s0, 4, 64] = aten.view(v45, [1, in14, -1, 64])
-v47: bf16[1, 4, s0, 64] = aten.permute(v46, [0, 2, 1, 3])
-v48: bf16[1, 1, s0, 64] = aten.unsqueeze(in18, 1)
-v49: bf16[1, 4, s0, 64] = aten.mul(v47, v48)
-v50: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 32, 9223372036854775807)
-v51: bf16[1, 4, s0, 32] = aten.neg(v50)
-v52: bf16[1, 4, s0, 32] = aten.slice(v47, 3, 0, 32)
-v53: bf16[1, 4, s0, 64] = aten.cat([v51, v52], -1)
-v54: bf16[1, 1, s0, 64] = aten.unsqueeze(in19, 1)
-v55: bf16[1, 4, s0, 64] = aten.mul(v53, v54)
-v56: bf16[1, 4, s0, 64] = aten.add(v49, v55)
-v57: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in2, in3, None, [128, 128], bf16)
-v58: bf16[1, s0, 2, 64] = aten.view(v57, [1, in14, -1, 64])
-v59: bf16[1, 2, s0, 64] = aten.permute(v58, [0, 2, 1, 3])
-v60: bf16[1, 2, s0, 64] = aten.mul(v59, v48)
-v61: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 32, 9223372036854775807)
-v62: bf16[1, 2, s0, 32] = aten.neg(v61)
-v63: bf16[1, 2, s0, 32] = aten.slice(v59, 3, 0, 32)
-v64: bf16[1, 2, s0, 64] = aten.cat([v62, v63], -1)
-v65: bf16[1, 2, s0, 64] = aten.mul(v64, v54)
-v66: bf16[1, 2, s0, 64] = aten.add(v60, v65)
-v67: bf16[1, s0, 128] = fp8fx.block_gemm(v44, v38, in4, in5, None, [128, 128], bf16)
-v68: bf16[1, s0, 2, 64] = aten.view(v67, [1, in14, -1, 64])
-v69: bf16[1, 2, s0, 64] = aten.permute(v68, [0, 2, 1, 3])
-v70: (bf16[1, 4, s0, 64], f32[1, 4, s0]) = aten._scaled_dot_product_flash_attention_for_cpu(v56, v66, v69, 0.0, True, scale=0.125)
-v71: bf16[1, 4, s0, 64] = getitem(v70, 0)
-v72: bf16[1, s0, 4, 64] = aten.permute(v71, [0, 2, 1, 3])
-v73: bf16[1, s0, 256] = aten.view(v72, [1, in14, -1])
-v74: f32[1, s0, 256] = prims.convert_element_type(v73, f32)
-v75: f32[1, s0, 2, 128] = aten.view(v74, [1, s0, 2, 128])
-v76: f32[1, s0, 2, 128] = aten.abs(v75)
-v77: f32[1, s0, 2] = aten.amax(v76, [-1])
-v78: f32[1, s0, 2] = aten.clamp_min(v77, 1e-12)
-v79: f32[1, s0, 2] = aten.clamp_min(v78, 448.0)
-v80: f32[1, s0, 2] = aten.clamp_max(v79, 448.0)
-v81: f32[1, s0, 2] = aten.div(v78, v80)
-v82: f32[1, s0, 2, 1] = aten.unsqueeze(v81, -1)
-v83: f32[1, s0, 2, 128] = aten.div(v75, v82)
-v84: f32[1, s0, 2, 128] = aten.clamp_min(v83, -448.0)
-v85: f32[1, s0, 2, 128] = aten.clamp_max(v84, 448.0)
-v86: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v85, f8e4m3)
-v87: f8e4m3[1, s0, 256] = aten.view(v86, [1, s0, 256])
-v88: bf16[1, s0, 256] = fp8fx.block_gemm(v87, v81, in6, in7, None, [128, 128], bf16)
-v89: bf16[1, s0, 256] = aten.add(in15, v88)
-v90: f32[1, s0, 256] = prims.convert_element_type(v89, f32)
-v91: f32[1, s0, 256] = aten.pow(v90, 2)
-v92: f32[1, s0, 1] = aten.mean(v91, [-1], True)
-v93: f32[] = prims.convert_element_type(in20, f32)
-v94: f32[1, s0, 1] = aten.add(v92, v93)
-v95: f32[1, s0, 1] = aten.rsqrt(v94)
-v96: f32[1, s0, 256] = aten.mul(v90, v95)
-v97: bf16[1, s0, 256] = prims.convert_element_type(v96, bf16)
-v98: bf16[1, s0, 256] = aten.mul(in21, v97)
-v99: f32[1, s0, 256] = prims.convert_element_type(v98, f32)
-v100: f32[1, s0, 2, 128] = aten.view(v99, [1, s0, 2, 128])
-v101: f32[1, s0, 2, 128] = aten.abs(v100)
-v102: f32[1, s0, 2] = aten.amax(v101, [-1])
-v103: f32[1, s0, 2] = aten.clamp_min(v102, 1e-12)
-v104: f32[1, s0, 2] = aten.clamp_min(v103, 448.0)
-v105: f32[1, s0, 2] = aten.clamp_max(v104, 448.0)
-v106: f32[1, s0, 2] = aten.div(v103, v105)
-v107: f32[1, s0, 2, 1] = aten.unsqueeze(v106, -1)
-v108: f32[1, s0, 2, 128] = aten.div(v100, v107)
-v109: f32[1, s0, 2, 128] = aten.clamp_min(v108, -448.0)
-v110: f32[1, s0, 2, 128] = aten.clamp_max(v109, 448.0)
-v111: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v110, f8e4m3)
-v112: f8e4m3[1, s0, 256] = aten.view(v111, [1, s0, 256])
-v113: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in8, in9, None, [128, 128], bf16)
-v114: f32[1, s0, 512] = prims.convert_element_type(v113, f32)
-v115: f32[1, s0, 512] = aten.neg(v114)
-v116: f32[1, s0, 512] = aten.exp(v115)
-v117: f32[1, s0, 512] = aten.add(v116, 1)
-v118: f32[1, s0, 512] = aten.div(v114, v117)
-v119: bf16[1, s0, 512] = prims.convert_element_type(v118, bf16)
-v120: bf16[1, s0, 512] = fp8fx.block_gemm(v112, v106, in10, in11, None, [128, 128], bf16)
-v121: bf16[1, s0, 512] = aten.mul(v119, v120)
-v122: f32[1, s0, 512] = prims.convert_element_type(v121, f32)
-v123: f32[1, s0, 4, 128] = aten.view(v122, [1, s0, 4, 128])
-v124: f32[1, s0, 4, 128] = aten.abs(v123)
-v125: f32[1, s0, 4] = aten.amax(v124, [-1])
-v126: f32[1, s0, 4] = aten.clamp_min(v125, 1e-12)
-v127: f32[1, s0, 4] = aten.clamp_min(v126, 448.0)
-v128: f32[1, s0, 4] = aten.clamp_max(v127, 448.0)
-v129: f32[1, s0, 4] = aten.div(v126, v128)
-v130: f32[1, s0, 4, 1] = aten.unsqueeze(v129, -1)
-v131: f32[1, s0, 4, 128] = aten.div(v123, v130)
-v132: f32[1, s0, 4, 128] = aten.clamp_min(v131, -448.0)
-v133: f32[1, s0, 4, 128] = aten.clamp_max(v132, 448.0)
-v134: f8e4m3[1, s0, 4, 128] = prims.convert_element_type(v133, f8e4m3)
-v135: f8e4m3[1, s0, 512] = aten.view(v134, [1, s0, 512])
-v136: bf16[1, s0, 256] = fp8fx.block_gemm(v135, v129, in12, in13, None, [128, 128], bf16)
-v137: bf16[1, s0, 256] = aten.add(v89, v136)
-return (v137,)""")
+v45: bf16[1, s0, 512] = fp8fx.block_gemm_cat(v44, v38, [in0, in2, in4], [in1, in3, in5], [None, None, None], [128, 128], bf16)
+v46: bf16[1, s0, 256] = aten.slice(v45, 2, 0, 256)
+v47: bf16[1, s0, 128] = aten.slice(v45, 2, 256, 384)
+v48: bf16[1, s0, 128] = aten.slice(v45, 2, 384, 512)
+v49: bf16[1, s0, 4, 64] = aten.view(v46, [1, in14, -1, 64])
+v50: bf16[1, 4, s0, 64] = aten.permute(v49, [0, 2, 1, 3])
+v51: bf16[1, 1, s0, 64] = aten.unsqueeze(in18, 1)
+v52: bf16[1, 4, s0, 64] = aten.mul(v50, v51)
+v53: bf16[1, 4, s0, 32] = aten.slice(v50, 3, 32, 9223372036854775807)
+v54: bf16[1, 4, s0, 32] = aten.neg(v53)
+v55: bf16[1, 4, s0, 32] = aten.slice(v50, 3, 0, 32)
+v56: bf16[1, 4, s0, 64] = aten.cat([v54, v55], -1)
+v57: bf16[1, 1, s0, 64] = aten.unsqueeze(in19, 1)
+v58: bf16[1, 4, s0, 64] = aten.mul(v56, v57)
+v59: bf16[1, 4, s0, 64] = aten.add(v52, v58)
+v60: bf16[1, s0, 2, 64] = aten.view(v47, [1, in14, -1, 64])
+v61: bf16[1, 2, s0, 64] = aten.permute(v60, [0, 2, 1, 3])
+v62: bf16[1, 2, s0, 64] = aten.mul(v61, v51)
+v63: bf16[1, 2, s0, 32] = aten.slice(v61, 3, 32, 9223372036854775807)
+v64: bf16[1, 2, s0, 32] = aten.neg(v63)
+v65: bf16[1, 2, s0, 32] = aten.slice(v61, 3, 0, 32)
+v66: bf16[1, 2, s0, 64] = aten.cat([v64, v65], -1)
+v67: bf16[1, 2, s0, 64] = aten.mul(v66, v57)
+v68: bf16[1, 2, s0, 64] = aten.add(v62, v67)
+v69: bf16[1, s0, 2, 64] = aten.view(v48, [1, in14, -1, 64])
+v70: bf16[1, 2, s0, 64] = aten.permute(v69, [0, 2, 1, 3])
+v71: (bf16[1, 4, s0, 64], f32[1, 4, s0]) = aten._scaled_dot_product_flash_attention_for_cpu(v59, v68, v70, 0.0, True, scale=0.125)
+v72: bf16[1, 4, s0, 64] = getitem(v71, 0)
+v73: bf16[1, s0, 4, 64] = aten.permute(v72, [0, 2, 1, 3])
+v74: bf16[1, s0, 256] = aten.view(v73, [1, in14, -1])
+v75: f32[1, s0, 256] = prims.convert_element_type(v74, f32)
+v76: f32[1, s0, 2, 128] = aten.view(v75, [1, s0, 2, 128])
+v77: f32[1, s0, 2, 128] = aten.abs(v76)
+v78: f32[1, s0, 2] = aten.amax(v77, [-1])
+v79: f32[1, s0, 2] = aten.clamp_min(v78, 1e-12)
+v80: f32[1, s0, 2] = aten.clamp_min(v79, 448.0)
+v81: f32[1, s0, 2] = aten.clamp_max(v80, 448.0)
+v82: f32[1, s0, 2] = aten.div(v79, v81)
+v83: f32[1, s0, 2, 1] = aten.unsqueeze(v82, -1)
+v84: f32[1, s0, 2, 128] = aten.div(v76, v83)
+v85: f32[1, s0, 2, 128] = aten.clamp_min(v84, -448.0)
+v86: f32[1, s0, 2, 128] = aten.clamp_max(v85, 448.0)
+v87: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v86, f8e4m3)
+v88: f8e4m3[1, s0, 256] = aten.view(v87, [1, s0, 256])
+v89: bf16[1, s0, 256] = fp8fx.block_gemm(v88, v82, in6, in7, None, [128, 128], bf16)
+v90: bf16[1, s0, 256] = aten.add(in15, v89)
+v91: f32[1, s0, 256] = prims.convert_element_type(v90, f32)
+v92: f32[1, s0, 256] = aten.pow(v91, 2)
+v93: f32[1, s0, 1] = aten.mean(v92, [-1], True)
+v94: f32[] = prims.convert_element_type(in20, f32)
+v95: f32[1, s0, 1] = aten.add(v93, v94)
+v96: f32[1, s0, 1] = aten.rsqrt(v95)
+v97: f32[1, s0, 256] = aten.mul(v91, v96)
+v98: bf16[1, s0, 256] = prims.convert_element_type(v97, bf16)
+v99: bf16[1, s0, 256] = aten.mul(in21, v98)
+v100: f32[1, s0, 256] = prims.convert_element_type(v99, f32)
+v101: f32[1, s0, 2, 128] = aten.view(v100, [1, s0, 2, 128])
+v102: f32[1, s0, 2, 128] = aten.abs(v101)
+v103: f32[1, s0, 2] = aten.amax(v102, [-1])
+v104: f32[1, s0, 2] = aten.clamp_min(v103, 1e-12)
+v105: f32[1, s0, 2] = aten.clamp_min(v104, 448.0)
+v106: f32[1, s0, 2] = aten.clamp_max(v105, 448.0)
+v107: f32[1, s0, 2] = aten.div(v104, v106)
+v108: f32[1, s0, 2, 1] = aten.unsqueeze(v107, -1)
+v109: f32[1, s0, 2, 128] = aten.div(v101, v108)
+v110: f32[1, s0, 2, 128] = aten.clamp_min(v109, -448.0)
+v111: f32[1, s0, 2, 128] = aten.clamp_max(v110, 448.0)
+v112: f8e4m3[1, s0, 2, 128] = prims.convert_element_type(v111, f8e4m3)
+v113: f8e4m3[1, s0, 256] = aten.view(v112, [1, s0, 256])
+v114: bf16[1, s0, 1024] = fp8fx.block_gemm_cat(v113, v107, [in8, in10], [in9, in11], [None, None], [128, 128], bf16)
+v115: bf16[1, s0, 512] = aten.slice(v114, 2, 0, 512)
+v116: bf16[1, s0, 512] = aten.slice(v114, 2, 512, 1024)
+v117: f32[1, s0, 512] = prims.convert_element_type(v115, f32)
+v118: f32[1, s0, 512] = aten.neg(v117)
+v119: f32[1, s0, 512] = aten.exp(v118)
+v120: f32[1, s0, 512] = aten.add(v119, 1)
+v121: f32[1, s0, 512] = aten.div(v117, v120)
+v122: bf16[1, s0, 512] = prims.convert_element_type(v121, bf16)
+v123: bf16[1, s0, 512] = aten.mul(v122, v116)
+v124: f32[1, s0, 512] = prims.convert_element_type(v123, f32)
+v125: f32[1, s0, 4, 128] = aten.view(v124, [1, s0, 4, 128])
+v126: f32[1, s0, 4, 128] = aten.abs(v125)
+v127: f32[1, s0, 4] = aten.amax(v126, [-1])
+v128: f32[1, s0, 4] = aten.clamp_min(v127, 1e-12)
+v129: f32[1, s0, 4] = aten.clamp_min(v128, 448.0)
+v130: f32[1, s0, 4] = aten.clamp_max(v129, 448.0)
+v131: f32[1, s0, 4] = aten.div(v128, v130)
+v132: f32[1, s0, 4, 1] = aten.unsqueeze(v131, -1)
+v133: f32[1, s0, 4, 128] = aten.div(v125, v132)
+v134: f32[1, s0, 4, 128] = aten.clamp_min(v133, -448.0)
+v135: f32[1, s0, 4, 128] = aten.clamp_max(v134, 448.0)
+v136: f8e4m3[1, s0, 4, 128] = prims.convert_element_type(v135, f8e4m3)
+v137: f8e4m3[1, s0, 512] = aten.view(v136, [1, s0, 512])
+v138: bf16[1, s0, 256] = fp8fx.block_gemm(v137, v131, in12, in13, None, [128, 128], bf16)
+v139: bf16[1, s0, 256] = aten.add(v90, v138)
+return (v139,)""")
 
     def test_excluded_module(self):
         config = BlockFP8Config(modules_to_not_convert=("down_proj",))
@@ -574,18 +566,19 @@ v17: f32[s0, 2, 128] = aten.clamp_min(v16, -448.0)
 v18: f32[s0, 2, 128] = aten.clamp_max(v17, 448.0)
 v19: f8e4m3[s0, 2, 128] = prims.convert_element_type(v18, f8e4m3)
 v20: f8e4m3[s0, 256] = aten.view(v19, [s0, 256])
-v21: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in0, in1, None, [128, 128], bf16)
-v22: f32[s0, 512] = prims.convert_element_type(v21, f32)
-v23: f32[s0, 512] = aten.neg(v22)
-v24: f32[s0, 512] = aten.exp(v23)
-v25: f32[s0, 512] = aten.add(v24, 1)
-v26: f32[s0, 512] = aten.div(v22, v25)
-v27: bf16[s0, 512] = prims.convert_element_type(v26, bf16)
-v28: bf16[s0, 512] = fp8fx.block_gemm(v20, v14, in2, in3, None, [128, 128], bf16)
-v29: bf16[s0, 512] = aten.mul(v27, v28)
-v30: bf16[512, 256] = aten.permute(in6, [1, 0])
-v31: bf16[s0, 256] = aten.mm(v29, v30)
-return (v31,)""")
+v21: bf16[s0, 1024] = fp8fx.block_gemm_cat(v20, v14, [in0, in2], [in1, in3], [None, None], [128, 128], bf16)
+v22: bf16[s0, 512] = aten.slice(v21, 1, 0, 512)
+v23: bf16[s0, 512] = aten.slice(v21, 1, 512, 1024)
+v24: f32[s0, 512] = prims.convert_element_type(v22, f32)
+v25: f32[s0, 512] = aten.neg(v24)
+v26: f32[s0, 512] = aten.exp(v25)
+v27: f32[s0, 512] = aten.add(v26, 1)
+v28: f32[s0, 512] = aten.div(v24, v27)
+v29: bf16[s0, 512] = prims.convert_element_type(v28, bf16)
+v30: bf16[s0, 512] = aten.mul(v29, v23)
+v31: bf16[512, 256] = aten.permute(in6, [1, 0])
+v32: bf16[s0, 256] = aten.mm(v30, v31)
+return (v32,)""")
 
     def test_ineligible_shape(self):
         # N = 40 is not a multiple of 16: quantize_ keeps it in bf16 and the pass never sees it.
@@ -691,12 +684,13 @@ def test_quant_fused_into_rmsnorm_and_silu_mul():
     x = heavy_tailed(7, 256, dtype=BF16, seed=2, outliers=False)
     with fresh_compile():
         out, code = compile_and_code(model, x)
-        assert counters["fp8fx"] == {"linear": 3, "act_quant_shared": 1, "act_quant_decomposed": 2, "block_gemm_lowered": 3}
-    # RMSNorm + quant in one kernel, gate and up GEMMs, SiLU*mul + quant in one kernel, down GEMM:
-    # no standalone quantization kernel between a producer and its GEMM.
+        assert counters["fp8fx"] == {"linear": 3, "act_quant_shared": 1, "act_quant_decomposed": 2, "block_gemm_cat": 1,
+                                     "block_gemm_cat_members": 2, "block_gemm_cat_lowered": 1, "block_gemm_lowered": 1}
+    # RMSNorm + quant in one kernel, the gate/up GEMM (packed by quantize_: one call), SiLU*mul +
+    # quant in one kernel, down GEMM: no standalone quantization kernel between a producer and its GEMM.
     seq = call_sequence(code)
-    assert [s if s == "gemm" else "kernel" for s in seq] == ["kernel", "gemm", "gemm", "kernel", "gemm"], seq
-    norm_kernel, silu_kernel = kernel_source(code, seq[0][7:]), kernel_source(code, seq[3][7:])
+    assert [s if s == "gemm" else "kernel" for s in seq] == ["kernel", "gemm", "kernel", "gemm"], seq
+    norm_kernel, silu_kernel = kernel_source(code, seq[0][7:]), kernel_source(code, seq[2][7:])
     FileCheck().check("rsqrt").check("abs").check("448.0").check("at::Float8_e4m3fn").run(norm_kernel)
     FileCheck().check("exp").check("abs").check("448.0").check("at::Float8_e4m3fn").run(silu_kernel)
     # Division by the scale, as the reference does, never a reciprocal multiply.
@@ -708,15 +702,15 @@ def test_quant_fused_into_rmsnorm_and_silu_mul():
 @pytest.mark.parametrize("shape", [(7, 256), (2, 5, 256)])
 def test_gemm_reads_scales_written_column_major(shape):
     # passes/lowering.py asks for [M, nK] scales with strides (1, M): the fused quant kernel
-    # writes them in the layout cuBLAS takes, so no transpose copy runs per GEMM, and gate/up
-    # read one scale buffer (two quantized inputs: two buffers for three GEMMs).
+    # writes them in the layout cuBLAS takes, so no transpose copy runs per GEMM (gate/up, packed
+    # by quantize_, are one fp8fx_block_gemm_cat call; two quantized inputs: two buffers).
     x = torch.randn(*shape, dtype=BF16)
     with fresh_compile():
         _, code = compile_and_code(_build(SwiGLU, norm=True), x)
     body = code[code.index("def call(") :]
     view = r"reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)"
-    calls = re.findall(rf"extern_kernels\.fp8fx_block_gemm\((?:{view}|\w+), (?:{view}|(\w+)),", body)
-    assert len(calls) == 3, body
+    calls = re.findall(rf"extern_kernels\.fp8fx_block_gemm(?:_cat)?\((?:{view}|\w+), (?:{view}|(\w+)),", body)
+    assert len(calls) == 2 and "fp8fx_block_gemm_cat(" in body, body
     scale_bufs = set()
     for *_, vbuf, vsize, vstride, buf in calls:
         if vbuf:  # a strided view of the buffer: [M, nK] with strides (1, M)

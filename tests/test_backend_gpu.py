@@ -93,7 +93,7 @@ def test_quant_fused_into_triton_producers(quant_kernels):
     body = code[code.index("def call(") :]
     seq = []
     for line in body.splitlines():
-        if "extern_kernels.fp8fx_block_gemm(" in line:
+        if "extern_kernels.fp8fx_block_gemm(" in line or "extern_kernels.fp8fx_block_gemm_cat(" in line:
             seq.append("gemm")
         elif (m := re.search(r"\b((triton|_act_quant)_\w+)\.run\(", line)) is not None:
             seq.append(m.group(1))
@@ -106,7 +106,8 @@ def test_quant_fused_into_triton_producers(quant_kernels):
         assert "rsqrt" in kernels[name] or "exp" in kernels[name], name
     if quant_kernels:
         assert "silu_mul(x, u, EXACT_CAST)" in code and sum(k.startswith("_act_quant_kernel") for k in seq) == 1, seq
-    assert seq.count("gemm") == 3 and seq[-1] == "gemm", seq
+    # gate/up (packed by quantize_) are one fp8fx_block_gemm_cat call, down one fp8fx_block_gemm.
+    assert seq.count("gemm") == 2 and seq[-1] == "gemm" and "fp8fx_block_gemm_cat(" in body, seq
     assert "_scaled_mm" not in code  # the GEMM is fp8fx's op, never Inductor's blockwise template
 
 
@@ -369,6 +370,36 @@ def test_prefill_quant_kernels(quant_kernels):
     y2, e2 = (t[0] if isinstance(t, tuple) else t for t in (y2, e2))
     errs = rel_err(y, expect), rel_err(y2, e2)
     assert max(errs) < 0.02, errs
+
+
+def test_prefill_packed_projections():
+    """quantize_ packs q/k/v and gate/up into one buffer each, so a prefill (dynamic shapes)
+    runs each group as one fp8fx_block_gemm_cat call, which runs one GEMM over the packed rows
+    (kernels._joint_weight). The output matches eager fp8fx at 300 and 64 tokens. After one
+    weight is replaced by a copy (no longer packed), the same graph runs a GEMM per weight
+    and still matches."""
+    from fp8fx import kernels
+
+    layer, h, kw = _llama_layer(tokens=300, seed=11)
+    attn, mlp = layer.self_attn, layer.mlp
+    kernels._JOINT.clear()
+    compiled, y, expect, code = _compiled_layer(layer, h, kw, backend, dynamic=True)
+    body = code[code.index("def call("):]
+    assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
+    assert counters["fp8fx"]["block_gemm_cat_members"] == 5
+    qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    joint = kernels._joint_weight([w.qdata for w in qkv], [w.scale for w in qkv])
+    assert joint is not None and joint[0].shape == (1024 + 2 * 256, 1024) and len(kernels._JOINT) == 2
+    assert rel_err(y, expect) < 0.02
+    _, h2, kw2 = _llama_layer(tokens=64, seed=12)
+    with torch.no_grad():
+        w = attn.k_proj.weight
+        w.qdata, w.scale = w.qdata.clone(), w.scale.clone()
+        assert kernels._joint_weight([w.qdata for w in qkv], [w.scale for w in qkv]) is None
+        for inp, kwargs in ((h2, kw2), (h, kw)):
+            got, want = compiled(inp, **kwargs), layer(inp, **kwargs)
+            got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
+            assert rel_err(got, want) < 0.02
 
 
 def test_user_kernels_write_only_their_outputs(monkeypatch):

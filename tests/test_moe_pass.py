@@ -5,7 +5,6 @@ Graph snapshots are expecttest ``assertExpectedInline`` strings of ``fp8fx.expla
 ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_moe_pass.py``, then review the diff.
 """
 
-import contextlib
 import copy
 
 import expecttest
@@ -16,7 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fp8fx
-from conftest import rel_err
+from conftest import fresh_compile, rel_err
 from fp8fx import BlockFP8Config, reference as R
 from fp8fx.api import quantize_weight_chunked
 from fp8fx.backend import backend, backend_with, last_report
@@ -117,17 +116,6 @@ class DenseLoopExperts(nn.Module):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_compile():
-    """No FX-graph / AOT cache hits (they would skip the passes whose counters we check),
-    fresh counters and Dynamo state."""
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
 
 
 def post_grad(model, *args, config=None, dynamic=True):
