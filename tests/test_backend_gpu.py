@@ -381,7 +381,7 @@ def test_prefill_packed_projections():
     from fp8fx import kernels
 
     layer, h, kw = _llama_layer(tokens=300, seed=11)
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     kernels._JOINT.clear()
     compiled, y, expect, code = _compiled_layer(layer, h, kw, backend, dynamic=True)
     body = code[code.index("def call("):]
