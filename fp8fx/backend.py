@@ -125,7 +125,9 @@ class Backend:
         from fp8fx.passes import lowering
 
         lowering.register()
+        baked = baked_weights(gm, example_inputs) if self.freeze else []
         report, gm, example_inputs, keep = self.prepare(gm, example_inputs)
+        baked = [b for b in baked if not b[0].users]  # the weights prepare moved into the graph
         patches = self.inductor_config(packing_signature(gm, example_inputs))
         if self.config.kernel == "auto":
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
@@ -138,7 +140,8 @@ class Backend:
             _LAST_REPORT = report
         if self.config.kernel != "auto" and torch.cuda.is_available():
             compiled = _with_kernel_preference(compiled, self.config.kernel)
-        return compiled if keep is None else _select_args(compiled, keep)
+        compiled = compiled if keep is None else _select_args(compiled, keep)
+        return _check_weights(compiled, [(i, w, inner) for _, i, w, inner in baked]) if baked else compiled
 
     def prepare(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         """Step 1 on the Dynamo graph: quantize/unwrap weights in place (``freeze_weights``), then
@@ -334,6 +337,40 @@ def _drop_unused_subclass_inputs(gm: torch.fx.GraphModule, example_inputs: Seque
         copy._param_name_to_source = gm._param_name_to_source
     keep = [i for i in range(len(example_inputs)) if i not in drop]
     return copy, [example_inputs[i] for i in keep], keep
+
+
+def baked_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list:
+    """(placeholder, position, value, inner tensors) of each tensor input of Dynamo's graph,
+    before ``prepare``; ``inner`` is a BlockFP8Tensor's (qdata, scale, act_scale), else ().
+    Those whose placeholder prepare leaves unused are the weights it put into the graph as
+    constants (quantized bf16 weights, or a quantized model's codes and scales)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return []
+    return [(n, i, v, (v.qdata, v.scale, v.act_scale) if isinstance(v, BlockFP8Tensor) else ())
+            for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if isinstance(v, torch.Tensor) and n.users]
+
+
+def _check_weights(compiled, baked: list):
+    """``compiled`` after a check that Dynamo passes the weight objects (and, for
+    BlockFP8Tensors, the codes and scales) the graph holds as constants. Dynamo reuses a
+    compiled graph for any module of the same class whose tensors pass its shape guards (a
+    second instance, weights replaced or moved after the compile); the constants would then
+    be the first model's, a wrong answer."""
+
+    def run(*args):
+        for i, w, inner in baked:
+            a = args[i]
+            if a is not w or inner and (a.qdata is not inner[0] or a.scale is not inner[1] or a.act_scale is not inner[2]):
+                raise RuntimeError(
+                    "fp8fx.backend: this compiled graph holds the fp8 weights of the module it was compiled for "
+                    f"(argument {i}, {tuple(w.shape)}), and was called with other weight tensors: another instance "
+                    "of the same class, or weights replaced, moved (.to) or repacked after the compile. Compile each "
+                    "model after torch._dynamo.reset(), recompile after changing weights, or (for a model quantized "
+                    "with fp8fx.quantize_) use fp8fx.backend_with(freeze=False), which reads the weights on every call.")
+        return compiled(*args)
+
+    return run
 
 
 def _select_args(compiled, keep: list[int]):

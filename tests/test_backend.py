@@ -1041,3 +1041,35 @@ def test_pass_uuid():
         auto = PostGradPass().uuid()
     with dispatch.preference("cublas"):
         assert PostGradPass().uuid() != auto
+
+
+def test_graph_with_baked_weights_refuses_other_weights():
+    """The backend puts a quantized model's codes and scales (and a bf16 model's quantized
+    weights) into the graph as constants. Dynamo reuses a compiled graph for another instance
+    of the same class (its guards check shapes, not identity): the call must fail with a
+    clear error instead of computing with the first model's weights. freeze=False reads the
+    weights on every call and serves both."""
+    x = torch.randn(5, 256, dtype=BF16)
+    for quantize in (True, False):
+        a, b = _build(SwiGLU, quantize=quantize, seed=0), _build(SwiGLU, quantize=quantize, seed=1)
+        with fresh_compile(), torch.no_grad():
+            torch.testing.assert_close(torch.compile(a, backend=backend)(x), a(x) if quantize else _frozen_ref(a, x))
+            with pytest.raises(RuntimeError, match="compiled for.*other weight tensors"):
+                torch.compile(b, backend=backend)(x)
+    a, b = _build(SwiGLU, seed=0), _build(SwiGLU, seed=1)
+    with fresh_compile(), torch.no_grad():
+        loose = fp8fx.backend_with(freeze=False)
+        ya, yb = torch.compile(a, backend=loose)(x), torch.compile(b, backend=loose)(x)
+        assert torch.equal(ya, a(x)) and torch.equal(yb, b(x)) and not torch.equal(ya, yb)
+    with fresh_compile(), torch.no_grad():  # a weight replaced after the compile
+        compiled = torch.compile(a, backend=backend)
+        compiled(x)
+        a.down_proj.weight = b.down_proj.weight
+        with pytest.raises(RuntimeError, match="replaced, moved"):
+            compiled(x)
+
+
+def _frozen_ref(model, x):
+    q = copy.deepcopy(model)
+    fp8fx.quantize_(q)
+    return q(x)
