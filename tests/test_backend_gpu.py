@@ -375,23 +375,26 @@ def test_prefill_quant_kernels(quant_kernels):
 def test_prefill_packed_projections():
     """quantize_ packs q/k/v and gate/up into one buffer each, so a prefill (dynamic shapes)
     runs each group as one fp8fx_block_gemm_cat call, which runs one GEMM over the packed rows
-    (kernels._joint_weight). The output matches eager fp8fx at 300 and 64 tokens. After one
-    weight is replaced by a copy (no longer packed), the same graph runs a GEMM per weight
-    and still matches."""
+    (kernels._joint_weight). The output matches eager fp8fx at 300 and 64 tokens. With
+    freeze=False (weights read on every call), a weight replaced by a copy after the compile
+    (no longer packed) makes the same graph run a GEMM per weight, still matching."""
     from fp8fx import kernels
 
     layer, h, kw = _llama_layer(tokens=300, seed=11)
-    attn = layer.self_attn
-    kernels._JOINT.clear()
-    compiled, y, expect, code = _compiled_layer(layer, h, kw, backend, dynamic=True)
-    body = code[code.index("def call("):]
-    assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
-    assert counters["fp8fx"]["block_gemm_cat_members"] == 5
-    qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-    joint = kernels._joint_weight([w.qdata for w in qkv], [w.scale for w in qkv])
-    assert joint is not None and joint[0].shape == (1024 + 2 * 256, 1024) and len(kernels._JOINT) == 2
-    assert rel_err(y, expect) < 0.02
     _, h2, kw2 = _llama_layer(tokens=64, seed=12)
+    attn = layer.self_attn
+    qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    for b in (backend, backend_with(freeze=False)):
+        torch._dynamo.reset()
+        counters.clear()
+        kernels._JOINT.clear()
+        compiled, y, expect, code = _compiled_layer(layer, h, kw, b, dynamic=True)
+        body = code[code.index("def call("):]
+        assert body.count("extern_kernels.fp8fx_block_gemm_cat(") == 2, body
+        assert counters["fp8fx"]["block_gemm_cat_members"] == 5
+        joint = kernels._joint_weight([w.qdata for w in qkv], [w.scale for w in qkv])
+        assert joint is not None and joint[0].shape == (1024 + 2 * 256, 1024) and len(kernels._JOINT) == 2
+        assert rel_err(y, expect) < 0.02
     with torch.no_grad():
         w = attn.k_proj.weight
         w.qdata, w.scale = w.qdata.clone(), w.scale.clone()
