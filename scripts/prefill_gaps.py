@@ -14,9 +14,12 @@ without waiting for the host. as called - queued is the host's share of the as-c
 ``--ab [OPTION]`` prints only the timings, for bf16 compiled and for fp8fx compiled with a
 backend option off and at its default: ``fused_norm`` (fp8fx.rms_norm_quant for the RMSNorms
 that feed quantizations; the default) or ``quant_kernels`` (fp8fx's quant kernel for the
-SwiGLU product and the attention output, passes/quant_kernel.py).
+SwiGLU product and the attention output, passes/quant_kernel.py). ``--ab pack``: the model
+quantized with ``quantize_(pack=False)``, then the same model after ``pack_projections`` (q/k/v
+and gate/up as one GEMM each), one after the other (a compiled graph holds its weights, so the
+two cannot be interleaved), each for the given rounds.
 
-    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab [fused_norm|quant_kernels]]
+    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab [fused_norm|quant_kernels|pack]]
 """
 
 import argparse
@@ -64,6 +67,17 @@ def _ab(model, ids, rounds, option="fused_norm"):
     bf16c = torch.compile(model, dynamic=True)
     runs = {"bf16 compiled": [_timings(lambda: bf16c(input_ids=ids, use_cache=False), "", True) for _ in range(rounds)]}
     torch._dynamo.reset()
+    if option == "pack":
+        fp8fx.quantize_(model, pack=False)
+        for packed in (False, True):
+            if packed:
+                fp8fx.api.pack_projections(model)
+            torch._dynamo.reset()
+            fn = torch.compile(model, backend=fp8fx.backend, dynamic=True)
+            label = f"fp8fx pack={packed}"
+            runs[label] = [_timings(lambda: fn(input_ids=ids, use_cache=False), label, True) for _ in range(rounds)]
+        _print_ab(runs, rounds)
+        return
     fp8fx.quantize_(model)
     default = getattr(fp8fx.backend_with(), option)
     fns = {f"fp8fx {option}={f}": torch.compile(model, backend=fp8fx.backend_with(**{option: f}), dynamic=True)
@@ -71,6 +85,10 @@ def _ab(model, ids, rounds, option="fused_norm"):
     for _ in range(rounds):
         for label, fn in fns.items():
             runs.setdefault(label, []).append(_timings(lambda: fn(input_ids=ids, use_cache=False), label, True))
+    _print_ab(runs, rounds)
+
+
+def _print_ab(runs, rounds):
     med = {label: [statistics.median(col) for col in zip(*rows)] for label, rows in runs.items()}
     base = med["bf16 compiled"]
     print(f"\nmedians of {rounds} rounds (each a median of 10 calls)")
@@ -131,7 +149,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--ab", nargs="?", const="fused_norm", choices=["fused_norm", "quant_kernels"],
+    parser.add_argument("--ab", nargs="?", const="fused_norm", choices=["fused_norm", "quant_kernels", "pack"],
                         help="timings only: bf16, fp8fx with this backend option off and at its default")
     parser.add_argument("--rounds", type=int, default=5, help="--ab: interleaved rounds of the fp8fx variants")
     args = parser.parse_args()
