@@ -213,6 +213,12 @@ def packed_rows(tensors: list) -> bool:
     return True
 
 
+def _cat_bytes(tensors: list) -> torch.Tensor:
+    """torch.cat along rows through uint8 views: float8 codes and e8m0 scales need no cat
+    kernel of their own dtype."""
+    return torch.cat([t.contiguous().view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
+
+
 def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
     """Pack the quantized weights of each group of sibling linears (a module's q_proj, k_proj,
     v_proj; gate_proj, up_proj) into one codes buffer and one scales buffer, in place: each
@@ -222,7 +228,8 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
     Returns the packed groups' qualified names ("model.layers.0.self_attn.{q,k,v}_proj").
 
     Moving the model afterwards (``model.to``) copies each weight on its own, which unpacks
-    it; a compiled graph then runs one GEMM per weight. Call this again after a move."""
+    it (and a graph compiled before the move refuses the moved weights: recompile). Call this
+    again after a move."""
     packed = []
     for mname, module in model.named_modules():
         for names in groups:
@@ -235,8 +242,7 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
             if packed_rows([w.qdata for w in weights]) and packed_rows([w.scale for w in weights]):
                 continue  # already packed
             with torch.no_grad():
-                codes = torch.cat([w.qdata for w in weights])
-                scales = torch.cat([w.scale for w in weights])
+                codes, scales = _cat_bytes([w.qdata for w in weights]), _cat_bytes([w.scale for w in weights])
                 row = srow = 0
                 for w in weights:
                     n, ns = w.qdata.shape[0], w.scale.shape[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
@@ -352,25 +353,35 @@ def baked_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> li
 
 
 def _check_weights(compiled, baked: list):
-    """``compiled`` after a check that Dynamo passes the weight objects (and, for
-    BlockFP8Tensors, the codes and scales) the graph holds as constants. Dynamo reuses a
-    compiled graph for any module of the same class whose tensors pass its shape guards (a
-    second instance, weights replaced or moved after the compile); the constants would then
-    be the first model's, a wrong answer."""
+    """``compiled`` after a check that Dynamo passes the weights the graph holds as constants.
+    Dynamo reuses a compiled graph for any module of the same class whose tensors pass its
+    shape guards (a second instance, weights replaced or moved after the compile); the
+    constants would then be the first model's, a wrong answer. A BlockFP8Tensor must bring
+    the codes the graph holds (its ``qdata`` object: another weight, or the same one repacked,
+    brings others); a weight quantized at compile time must be the same object (a weak
+    reference: the check keeps no bf16 weight alive)."""
+    codes = [(i, inner[0]) for i, _, inner in baked if inner]
+    plain = [(i, weakref.ref(w)) for i, w, inner in baked if not inner]
 
     def run(*args):
-        for i, w, inner in baked:
-            a = args[i]
-            if a is not w or inner and (a.qdata is not inner[0] or a.scale is not inner[1] or a.act_scale is not inner[2]):
-                raise RuntimeError(
-                    "fp8fx.backend: this compiled graph holds the fp8 weights of the module it was compiled for "
-                    f"(argument {i}, {tuple(w.shape)}), and was called with other weight tensors: another instance "
-                    "of the same class, or weights replaced, moved (.to) or repacked after the compile. Compile each "
-                    "model after torch._dynamo.reset(), recompile after changing weights, or (for a model quantized "
-                    "with fp8fx.quantize_) use fp8fx.backend_with(freeze=False), which reads the weights on every call.")
+        for i, q in codes:
+            if args[i].qdata is not q:
+                _stale(i, args[i])
+        for i, ref in plain:
+            if args[i] is not ref():
+                _stale(i, args[i])
         return compiled(*args)
 
     return run
+
+
+def _stale(i: int, w) -> None:
+    raise RuntimeError(
+        "fp8fx.backend: this compiled graph holds the fp8 weights of the module it was compiled for, and was "
+        f"called with other weight tensors (argument {i}, {tuple(w.shape)}): another instance of the same class, "
+        "or weights replaced, moved (.to) or repacked after the compile. Compile each model after "
+        "torch._dynamo.reset(), recompile after changing weights, or (for a model quantized with fp8fx.quantize_) "
+        "use fp8fx.backend_with(freeze=False), which reads the weights on every call.")
 
 
 def _select_args(compiled, keep: list[int]):
