@@ -1073,3 +1073,20 @@ def _frozen_ref(model, x):
     q = copy.deepcopy(model)
     fp8fx.quantize_(q)
     return q(x)
+
+
+def test_baked_weight_check_keeps_no_bf16_weight_alive():
+    import gc
+    import weakref
+
+    from fp8fx.backend import _check_weights
+
+    w = torch.randn(256, 256, dtype=BF16)
+    check = _check_weights(lambda *args: "ran", [(1, w, ())])
+    assert check(None, w) == "ran"
+    with pytest.raises(RuntimeError, match="argument 1"):
+        check(None, w.clone())
+    ref = weakref.ref(w)
+    del w
+    gc.collect()
+    assert ref() is None  # the compiled call does not hold the high-precision weight
