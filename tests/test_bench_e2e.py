@@ -50,3 +50,23 @@ def test_overflow_is_refused(tiny_llama):
         decode_steps(model, cache, ids[:, P:])
         with pytest.raises(ValueError, match="overflow"):
             decode_steps(model, cache, ids[:, P:P + 1])
+
+
+def test_tables_without_decode(capsys):
+    """``--batches`` with no sizes (prefill only, e.g. with ``--logits-to-keep 1``): the tables
+    print the prefill columns and ratios and no decode ones."""
+    import argparse
+
+    from fp8fx.api import QuantizeReport
+    from fp8fx.bench_e2e import _print_tables
+
+    args = argparse.Namespace(model="llama3-8b", layers=2, prefill=64, logits_to_keep=1, context=8, steps=2,
+                              graphs="manual", repeats=3, batches=[])
+    rows = [dict(variant=v, compile_s=c, decode_first_s=0.0 if c else None, prefill_ms=ms, prefill_graph_ms=ms,
+                 weights_gib=w, peak_gib=w, cudagraph_skips=0, recompiles=0)
+            for v, c, ms, w in (("bf16 eager", None, 10.0, 2.0), ("bf16 compiled", 5.0, 8.0, 2.0),
+                                ("fp8fx eager", None, 9.0, 1.0), ("fp8fx compiled", 6.0, 6.0, 1.0))]
+    _print_tables(args, rows, QuantizeReport(bytes_before=4, bytes_after=2), "5.x")
+    out = capsys.readouterr().out
+    assert "logits of the last 1 tokens" in out and "| fp8fx compiled / bf16 compiled, prefill | 1.33 |" in out
+    assert "decode" not in out.split("\n| ratio")[1]
