@@ -265,6 +265,13 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the weights fit one (_cat_rows,
     decode); else one GEMM over packed weights (api.pack_projections; prefill); otherwise
     block_gemm per weight, concatenated."""
+    if _JOINT and all(b is None for b in biases):
+        # A packed group this M already took to cuBLAS (a prefill's second call on): its route,
+        # recorded on a call that went through the checks below, skips them.
+        joint = _joint_weight(qweights, wscales)
+        y = None if joint is None else _cublas_route_call(xq, xs, *joint, None, out_dtype)
+        if y is not None:
+            return y
     from fp8fx.kernels.gemv import gemv_cat
 
     _check_cuda(xq, xs, *qweights, *wscales, *biases)
