@@ -26,8 +26,8 @@ def _llama(layers=2, **overrides):
     return LlamaForCausalLM(config).to(BF16).eval().requires_grad_(False)
 
 
-def _groups(model):
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+def _groups(model, layer=0):
+    attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
     return [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]
 
 
@@ -61,13 +61,8 @@ def test_groups_not_quantized_alike_stay_apart():
     report = fp8fx.quantize_(model, BlockFP8Config(modules_to_not_convert=("model.layers.0.self_attn.k_proj",)))
     qkv, gate_up = _groups(model)
     assert not isinstance(qkv[1], fp8fx.BlockFP8Tensor) and not _is_packed([qkv[0], qkv[2]])
-    assert _is_packed(gate_up) and _is_packed(_groups_of(model, 1)[0])
+    assert _is_packed(gate_up) and _is_packed(_groups(model, 1)[0])
     assert any("3 groups" in n for n in report.notes), report.notes
-
-
-def _groups_of(model, i):
-    attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
-    return [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]
 
 
 def test_state_dict_copy_keeps_packing_and_checkpoint_round_trip(tmp_path):
@@ -143,3 +138,19 @@ def test_packing_enters_the_graph_cache_key():
                 assert counters["fp8fx"]["block_gemm_cat"] == cat and counters["fp8fx"]["block_gemm_lowered"] == lowered
     finally:
         torch._dynamo.reset()
+
+
+def test_joint_weight_views_and_cache():
+    from fp8fx import reference
+
+    q, s = reference.quantize_weight(heavy_tailed(640, 256, seed=3), (128, 128), "float32")
+    ws, ss = [q[:384], q[384:512], q[512:]], [s[:3], s[3:4], s[4:]]
+    kernels._JOINT.clear()
+    joint = kernels._joint_weight(ws, ss)
+    assert joint is not None and joint[0].data_ptr() == q.data_ptr() and joint[0].shape == (640, 256)
+    assert torch.equal(joint[1], s)
+    assert kernels._joint_weight(ws, ss)[0] is joint[0] and len(kernels._JOINT) == 1  # a hit: the same views
+    assert kernels._joint_weight([ws[0], ws[2], ws[1]], [ss[0], ss[2], ss[1]]) is None  # out of order
+    assert kernels._joint_weight([ws[0], ws[1].clone(), ws[2]], ss) is None  # one copy: not packed
+    assert kernels._joint_weight(ws, [ss[0], ss[1].clone(), ss[2]]) is None
+    assert not packed_rows([q[:128], q[256:384]])  # a gap

@@ -265,11 +265,11 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the weights fit one (_cat_rows,
     decode); else one GEMM over packed weights (api.pack_projections; prefill); otherwise
     block_gemm per weight, concatenated."""
-    if _JOINT and all(b is None for b in biases):
+    joint = _joint_weight(qweights, wscales) if all(b is None for b in biases) else None
+    if joint is not None:
         # A packed group this M already took to cuBLAS (a prefill's second call on): its route,
         # recorded on a call that went through the checks below, skips them.
-        joint = _joint_weight(qweights, wscales)
-        y = None if joint is None else _cublas_route_call(xq, xs, *joint, None, out_dtype)
+        y = _cublas_route_call(xq, xs, *joint, None, out_dtype)
         if y is not None:
             return y
     from fp8fx.kernels.gemv import gemv_cat
@@ -278,7 +278,6 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     static = xs.numel() == 1 and xs.dim() <= 1 or xs.dim() == 0
     m = _cat_rows(xq, qweights, biases, block_size, out_dtype, static_act=static)
     if not m:
-        joint = _joint_weight(qweights, wscales) if all(b is None for b in biases) else None
         if joint is not None:
             return block_gemm_cuda(xq, xs, *joint, None, block_size, out_dtype)
         return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
