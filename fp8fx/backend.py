@@ -20,6 +20,7 @@ What a compile does, per Dynamo graph:
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import weakref
 from typing import Any, Optional, Sequence
@@ -128,7 +129,7 @@ class Backend:
         lowering.register()
         baked = baked_weights(gm, example_inputs) if self.freeze else []
         report, gm, example_inputs, keep = self.prepare(gm, example_inputs)
-        baked = [b for b in baked if not b[0].users]  # the weights prepare moved into the graph
+        baked = [(i, w) for node, i, w in baked if not node.users]  # the weights prepare moved into the graph
         patches = self.inductor_config(packing_signature(gm, example_inputs))
         if self.config.kernel == "auto":
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
@@ -142,7 +143,7 @@ class Backend:
         if self.config.kernel != "auto" and torch.cuda.is_available():
             compiled = _with_kernel_preference(compiled, self.config.kernel)
         compiled = compiled if keep is None else _select_args(compiled, keep)
-        return _check_weights(compiled, [(i, w, inner) for _, i, w, inner in baked]) if baked else compiled
+        return _check_weights(compiled, baked) if baked else compiled
 
     def prepare(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         """Step 1 on the Dynamo graph: quantize/unwrap weights in place (``freeze_weights``), then
@@ -233,7 +234,7 @@ def packing_signature(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
     without their storage offsets: this enters the pass's uuid, so a graph compiled for packed
     weights is never reused for unpacked ones (nor the reverse). Empty when nothing shares."""
     named = [(f"input {i}", t.qdata if isinstance(t, BlockFP8Tensor) else t) for i, t in enumerate(example_inputs)]
-    named += [(n.target, _attr(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"]
+    named += [(n.target, operator.attrgetter(n.target)(gm)) for n in gm.graph.nodes if n.op == "get_attr"]
     owners: dict[int, str] = {}
     parts = []
     for name, t in named:
@@ -242,12 +243,6 @@ def packing_signature(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
             if first != name:
                 parts.append(f"{name}:{first}:{t.storage_offset()}")
     return ",".join(parts)
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    for part in target.split("."):
-        gm = getattr(gm, part)
-    return gm
 
 
 def linear_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
@@ -341,15 +336,14 @@ def _drop_unused_subclass_inputs(gm: torch.fx.GraphModule, example_inputs: Seque
 
 
 def baked_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list:
-    """(placeholder, position, value, inner tensors) of each tensor input of Dynamo's graph,
-    before ``prepare``; ``inner`` is a BlockFP8Tensor's (qdata, scale, act_scale), else ().
-    Those whose placeholder prepare leaves unused are the weights it put into the graph as
-    constants (quantized bf16 weights, or a quantized model's codes and scales)."""
+    """(placeholder, position, value) of each tensor input of Dynamo's graph, before
+    ``prepare``. Those whose placeholder prepare leaves unused are the weights it put into the
+    graph as constants (quantized bf16 weights, or a quantized model's codes and scales)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         return []
-    return [(n, i, v, (v.qdata, v.scale, v.act_scale) if isinstance(v, BlockFP8Tensor) else ())
-            for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if isinstance(v, torch.Tensor) and n.users]
+    return [(n, i, v) for i, (n, v) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(v, torch.Tensor) and n.users]
 
 
 def _check_weights(compiled, baked: list):
@@ -360,8 +354,8 @@ def _check_weights(compiled, baked: list):
     the codes the graph holds (its ``qdata`` object: another weight, or the same one repacked,
     brings others); a weight quantized at compile time must be the same object (a weak
     reference: the check keeps no bf16 weight alive)."""
-    codes = [(i, inner[0]) for i, _, inner in baked if inner]
-    plain = [(i, weakref.ref(w)) for i, w, inner in baked if not inner]
+    codes = [(i, w.qdata) for i, w in baked if isinstance(w, BlockFP8Tensor)]
+    plain = [(i, weakref.ref(w)) for i, w in baked if not isinstance(w, BlockFP8Tensor)]
 
     def run(*args):
         for i, q in codes:

@@ -59,16 +59,21 @@ def check_topk(values, indices, x, k):
     assert (indices[..., 1:] > indices[..., :-1])[same].all()
 
 
-@pytest.fixture
-def tiny_llama():
+def make_tiny_llama(layers: int = 2):
+    """A transformers LlamaForCausalLM (hidden 256, GQA 4/2 heads, vocab 512), bf16, seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
 
 
 @pytest.fixture

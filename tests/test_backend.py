@@ -1082,7 +1082,7 @@ def test_baked_weight_check_keeps_no_bf16_weight_alive():
     from fp8fx.backend import _check_weights
 
     w = torch.randn(256, 256, dtype=BF16)
-    check = _check_weights(lambda *args: "ran", [(1, w, ())])
+    check = _check_weights(lambda *args: "ran", [(1, w)])
     assert check(None, w) == "ran"
     with pytest.raises(RuntimeError, match="argument 1"):
         check(None, w.clone())

@@ -10,20 +10,13 @@ import torch
 from torch._dynamo.utils import counters
 
 import fp8fx
-from conftest import fresh_compile, heavy_tailed
+from conftest import fresh_compile, heavy_tailed, make_tiny_llama
 from fp8fx import BlockFP8Config, kernels
 from fp8fx.api import pack_projections, packed_rows
 
-BF16 = torch.bfloat16
 
-
-def _llama(layers=2, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(num_hidden_layers=layers, hidden_size=256, intermediate_size=384, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, **overrides)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(BF16).eval().requires_grad_(False)
+def _llama(layers=2):
+    return make_tiny_llama(layers).requires_grad_(False)
 
 
 def _groups(model, layer=0):
