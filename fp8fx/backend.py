@@ -143,7 +143,36 @@ class Backend:
         if self.config.kernel != "auto" and torch.cuda.is_available():
             compiled = _with_kernel_preference(compiled, self.config.kernel)
         compiled = compiled if keep is None else _select_args(compiled, keep)
+        if self.freeze:
+            _note_baked(baked, example_inputs)
         return _check_weights(compiled, baked) if baked else compiled
+
+    def guard_filter(self, entries) -> list[bool]:
+        """A ``guard_filter_fn`` for torch.compile that drops the guards Dynamo puts on the
+        inside of quantized weights this backend holds in its graphs:
+
+            model = torch.compile(model, backend=fp8fx.backend,
+                                  options={"guard_filter_fn": fp8fx.backend.guard_filter})
+
+        Dynamo guards a BlockFP8Tensor parameter as a tensor (the guard a bf16 weight gets)
+        and then its codes and scales as two more tensors, the list of its inner tensors and
+        its metadata (the last two in Python): about 4x a bf16 weight's guard time, paid
+        before the first kernel of every call. Those weights are constants of the compiled
+        graph, and the compiled call checks that the weight passed holds the same codes,
+        scales and activation scale objects (``_check_weights``), so the inner guards check
+        nothing the call does not. The weight's own type and tensor guards stay. A
+        ``freeze=False`` backend reads the weights on every call and keeps every guard, as
+        does any weight this backend left as a graph input (3-D expert weights, weights with
+        uses other than a linear)."""
+        keep = [True] * len(entries)
+        if not self.freeze:
+            return keep
+        outer = {e.name for e in entries if isinstance(e.value, BlockFP8Tensor) and _is_baked(e.value)}
+        inner = {f"{n}.{a}" for n in outer for a in ("qdata", "scale", "act_scale", "__tensor_flatten__()[0]")}
+        for i, e in enumerate(entries):
+            if e.name in inner or (e.name in outer and e.guard_type == "TENSOR_SUBCLASS_METADATA_MATCH"):
+                keep[i] = False
+        return keep
 
     def prepare(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         """Step 1 on the Dynamo graph: quantize/unwrap weights in place (``freeze_weights``), then
@@ -346,21 +375,45 @@ def baked_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> li
             if isinstance(v, torch.Tensor) and n.users]
 
 
+# BlockFP8Tensor weights some compile put into its graph as constants, whose call checks them
+# (_check_weights): the weights Backend.guard_filter may drop inner guards for. id -> weak
+# reference (a WeakSet would compare tensors with ==, which a BlockFP8Tensor refuses).
+_BAKED: dict[int, weakref.ref] = {}
+
+
+def _is_baked(w) -> bool:
+    ref = _BAKED.get(id(w))
+    return ref is not None and ref() is w
+
+
+def _note_baked(baked: list, inputs: Sequence[Any]) -> None:
+    """Record the quantized weights ``baked`` ((position, value) pairs) in _BAKED; a weight
+    that this compile reads as a graph input instead (``inputs``) leaves it."""
+    for _, w in baked:
+        if isinstance(w, BlockFP8Tensor) and not _is_baked(w):
+            _BAKED[id(w)] = weakref.ref(w, lambda _, key=id(w): _BAKED.pop(key, None))
+    for t in inputs:
+        if isinstance(t, BlockFP8Tensor):
+            _BAKED.pop(id(t), None)
+
+
 def _check_weights(compiled, baked: list):
     """``compiled`` after a check that Dynamo passes the weights the graph holds as constants.
     Dynamo reuses a compiled graph for any module of the same class whose tensors pass its
     shape guards (a second instance, weights replaced or moved after the compile); the
     constants would then be the first model's, a wrong answer. A BlockFP8Tensor must bring
-    the codes the graph holds (its ``qdata`` object: another weight, or the same one repacked,
-    brings others); a weight quantized at compile time must be the same object (a weak
-    reference: the check keeps no bf16 weight alive)."""
-    codes = [(i, w.qdata) for i, w in baked if isinstance(w, BlockFP8Tensor)]
+    the codes, scales and activation scale the graph holds (the same objects: another weight,
+    or the same one repacked or given new scales, brings others); a weight quantized at
+    compile time must be the same object (a weak reference: the check keeps no bf16 weight
+    alive)."""
+    parts = [(i, w.qdata, w.scale, w.act_scale) for i, w in baked if isinstance(w, BlockFP8Tensor)]
     plain = [(i, weakref.ref(w)) for i, w in baked if not isinstance(w, BlockFP8Tensor)]
 
     def run(*args):
-        for i, q in codes:
-            if args[i].qdata is not q:
-                _stale(i, args[i])
+        for i, q, s, a in parts:
+            w = args[i]
+            if w.qdata is not q or w.scale is not s or w.act_scale is not a:
+                _stale(i, w)
         for i, ref in plain:
             if args[i] is not ref():
                 _stale(i, args[i])

@@ -12,19 +12,19 @@ the host never waits for the GPU; per call (medians of 20):
 - first: on an idle GPU, from the end of a 1 us marker kernel issued just before the call to
   the call's first kernel (CUDA-only profile): the time before the GPU gets any work.
 
-Then the as-called and CUDA-graph times of each variant (ms, medians of 10). Variants: bf16
-compiled; fp8fx compiled; the same with fp8fx::rms_norm_quant called through torch.ops (the
-lowering before the direct extern call); fp8fx with fused_norm=False.
+Then the as-called and CUDA-graph times of each variant (ms, medians of 10). Variants
+(``--variants``): bf16 compiled; fp8fx compiled; fp8fx with fused_norm=False.
+``--logits-to-keep N``: the prefill computes the last N tokens' logits (1: as ``generate``
+prefills; 0, the default: every token's).
 
 ``--micro`` times host costs of single calls instead: the fused norm op through torch.ops,
 its wrapper, its Triton launch alone (outputs preallocated), and the GEMM extern.
 ``--profile``: cProfile of the fp8fx prefill, per function (own and cumulative us per call).
 
-    python scripts/prefill_host_split.py [--layers 16] [--micro | --profile]
+    python scripts/prefill_host_split.py [--layers 16] [--logits-to-keep N] [--micro | --profile]
 """
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -88,30 +88,28 @@ def micro():
         print(f"  {label}: {a:.1f} / {b:.1f}")
 
 
-def profile_inner(layers: int, calls: int = 20, top: int = 40):
-    """cProfile of ``calls`` compiled fp8fx prefills issued behind a GPU sleep (default and
-    fused_norm=False): per function, microseconds per prefill (own time and cumulative) and
-    calls per prefill."""
+def profile_inner(layers: int, keep: dict, calls: int = 20, top: int = 40):
+    """cProfile of ``calls`` compiled fp8fx prefills issued behind a GPU sleep: per function,
+    microseconds per prefill (own time and cumulative) and calls per prefill."""
     model = _model(layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     fp8fx.quantize_(model)
-    for label, be in [("fp8fx compiled", fp8fx.backend), ("fp8fx, fused_norm off", fp8fx.backend_with(fused_norm=False))]:
-        _profile_one(label, torch.compile(model, backend=be, dynamic=True), ids, layers, calls, top)
+    _profile_one("fp8fx compiled", torch.compile(model, backend=fp8fx.backend, dynamic=True), ids, keep, layers, calls, top)
 
 
-def _profile_one(label, fn, ids, layers, calls, top):
+def _profile_one(label, fn, ids, keep, layers, calls, top):
     import cProfile
     import pstats
 
     with torch.inference_mode():
         for _ in range(3):
-            fn(input_ids=ids, use_cache=False)
+            fn(input_ids=ids, use_cache=False, **keep)
         torch.cuda.synchronize()
         prof = cProfile.Profile()
         for _ in range(calls):
             torch.cuda._sleep(400_000_000)
             prof.enable()
-            fn(input_ids=ids, use_cache=False)
+            fn(input_ids=ids, use_cache=False, **keep)
             prof.disable()
             torch.cuda.synchronize()
     stats = pstats.Stats(prof).stats
@@ -171,14 +169,18 @@ def _split(label, call, record, repeats=20):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--logits-to-keep", type=int, default=0, help="1: only the last token's logits")
+    parser.add_argument("--variants", nargs="+", default=["bf16", "fp8fx", "fused_norm_off"],
+                        choices=["bf16", "fp8fx", "fused_norm_off"])
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile of the fp8fx prefill's host time")
     args = parser.parse_args()
+    keep = {"logits_to_keep": args.logits_to_keep} if args.logits_to_keep else {}
     if args.micro:
         micro()
         return
     if args.profile:
-        profile_inner(args.layers)
+        profile_inner(args.layers, keep)
         return
     from torch._inductor.compile_fx import compile_fx
 
@@ -186,37 +188,16 @@ def main():
     model = _model(args.layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     rec: list = []
-    bf16c = torch.compile(model, backend=_wrap(compile_fx, rec), dynamic=True)
-    _split("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False), rec)
-    torch._dynamo.reset()
+    if "bf16" in args.variants:
+        bf16c = torch.compile(model, backend=_wrap(compile_fx, rec), dynamic=True)
+        _split("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False, **keep), rec)
+        torch._dynamo.reset()
     fp8fx.quantize_(model)
-    for label, be in [("fp8fx compiled", fp8fx.backend),
-                      ("fp8fx, norm op through torch.ops", fp8fx.backend),
-                      ("fp8fx, fused_norm off", fp8fx.backend_with(fused_norm=False))]:
-        fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True)
-        with _norm_through_dispatcher(label.endswith("torch.ops")):
-            _split(label, lambda: fn(input_ids=ids, use_cache=False), rec)
-
-
-@contextlib.contextmanager
-def _norm_through_dispatcher(on: bool):
-    """While on, fp8fx::rms_norm_quant lowers to Inductor's plain fallback (the generated code
-    calls torch.ops.fp8fx.rms_norm_quant) instead of fp8fx's direct extern call."""
-    if not on:
-        yield
-        return
-    from torch._inductor.lowering import fallback_handler, lowerings
-
-    from fp8fx.passes import lowering
-
-    lowering.register()
-    op = torch.ops.fp8fx.rms_norm_quant.default
-    ours = lowerings[op]
-    lowerings[op] = fallback_handler(op, add_to_fallback_set=False)
-    try:
-        yield
-    finally:
-        lowerings[op] = ours
+    for label, be in [("fp8fx", fp8fx.backend), ("fused_norm_off", fp8fx.backend_with(fused_norm=False))]:
+        if label in args.variants:
+            fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True)
+            _split(f"{label} compiled", lambda: fn(input_ids=ids, use_cache=False, **keep), rec)
+            torch._dynamo.reset()
 
 
 if __name__ == "__main__":

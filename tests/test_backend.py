@@ -1069,6 +1069,42 @@ def test_graph_with_baked_weights_refuses_other_weights():
             compiled(x)
 
 
+def test_guard_filter_drops_the_inner_guards_of_held_weights():
+    """backend.guard_filter drops the guards Dynamo puts on the inside of the quantized weights
+    the graph holds (codes, scales, the inner-tensor list, the metadata), keeps each weight's
+    own type and tensor guards, and keeps every guard for freeze=False. Without the inner
+    guards, the compiled call's own check still refuses a weight given new scales."""
+    x = torch.randn(5, 256, dtype=BF16)
+    m = _build(SwiGLU, seed=0)
+    seen = {}
+    for be in (backend, fp8fx.backend_with(freeze=False)):
+        def filt(entries, be=be):
+            keep = be.guard_filter(entries)
+            seen[be.freeze] = [(e.name, e.guard_type, k) for e, k in zip(entries, keep)]
+            return keep
+
+        with fresh_compile(), torch.no_grad():
+            compiled = torch.compile(m, backend=be, options={"guard_filter_fn": filt})
+            torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+            compiled(x)
+            assert counters["stats"]["unique_graphs"] == 1
+    assert all(k for *_, k in seen[False])
+    dropped = [(n, t) for n, t, k in seen[True] if not k]
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        w = next(n for n, t, _ in seen[True] if n.endswith(f"['{proj}']._parameters['weight']") and t == "TENSOR_MATCH")
+        assert sorted(dropped for dropped in dropped if dropped[0].startswith(w)) == sorted([
+            (w, "TENSOR_SUBCLASS_METADATA_MATCH"), (w + ".__tensor_flatten__()[0]", "EQUALS_MATCH"),
+            (w + ".qdata", "TENSOR_MATCH"), (w + ".scale", "TENSOR_MATCH")])
+        assert {(w, "TYPE_MATCH", True), (w, "TENSOR_MATCH", True)} <= set(seen[True])
+    assert len(dropped) == 12
+    with fresh_compile(), torch.no_grad():
+        compiled = torch.compile(m, backend=backend, options={"guard_filter_fn": backend.guard_filter})
+        compiled(x)
+        m.down_proj.weight.scale = m.down_proj.weight.scale.clone()
+        with pytest.raises(RuntimeError, match="replaced, moved"):
+            compiled(x)
+
+
 def _frozen_ref(model, x):
     q = copy.deepcopy(model)
     fp8fx.quantize_(q)
