@@ -8,7 +8,9 @@ CONTEXT + STEPS, then STEPS one-token steps are timed (ms/token, tokens/s):
     bf16 eager        transformers as is
     bf16 compiled     torch.compile (Inductor)
     fp8fx eager       fp8fx.quantize_ (BlockFP8Tensor weights, fp8fx kernels)
-    fp8fx compiled    torch.compile(backend=fp8fx.backend...) on the quantized model
+    fp8fx compiled    torch.compile(backend=fp8fx.backend...) on the quantized model, with
+                      options={"guard_filter_fn": fp8fx.backend.guard_filter} (the Dynamo
+                      guards of a bf16 weight per quantized weight; --no-guard-filter: all)
 Compiled decode runs from CUDA graphs: ``--graphs manual`` (default) captures the compiled
 one-token step once with ``torch.cuda.graph`` and replays it (GPU time, no host overhead);
 ``--graphs trees`` compiles decode in Inductor's "reduce-overhead" mode instead
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", choices=["manual", "trees"], default="manual",
                         help="CUDA graphs for compiled decode: torch.cuda.graph capture, or reduce-overhead mode")
     parser.add_argument("--variants", nargs="+", default=["bf16", "fp8fx"], choices=["bf16", "fp8fx"])
+    parser.add_argument("--no-guard-filter", dest="guard_filter", action="store_false",
+                        help="compile fp8fx without fp8fx.backend.guard_filter (Dynamo's inner guards on quantized weights)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8fx bench e2e: needs a CUDA GPU", file=sys.stderr)
@@ -304,10 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(row, flush=True)
 
-    def compiled_pair(backend_prefill, backend_decode):
+    def compiled_pair(backend_prefill, backend_decode, guard_filter=False):
         # Prefill: dynamic sequence; decode: static shapes (one graph per batch size).
-        return (torch.compile(model, backend=backend_prefill, dynamic=True),
-                torch.compile(model, backend=backend_decode, dynamic=False))
+        def opts(be):
+            return {"guard_filter_fn": be.guard_filter} if guard_filter else None
+
+        return (torch.compile(model, backend=backend_prefill, dynamic=True, options=opts(backend_prefill)),
+                torch.compile(model, backend=backend_decode, dynamic=False, options=opts(backend_decode)))
 
     def inductor(mode_options):
         def backend(gm, inputs):
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report, flush=True)
         measure("fp8fx eager", model, model)
         decode_backend = fp8fx.backend_with(mode="reduce-overhead") if trees else fp8fx.backend
-        measure("fp8fx compiled", *compiled_pair(fp8fx.backend, decode_backend), compiled=True)
+        measure("fp8fx compiled", *compiled_pair(fp8fx.backend, decode_backend, args.guard_filter), compiled=True)
     torch._dynamo.reset()
     _print_tables(args, rows, report, transformers.__version__)
     return 0

@@ -13,7 +13,8 @@ the host never waits for the GPU; per call (medians of 20):
   the call's first kernel (CUDA-only profile): the time before the GPU gets any work.
 
 Then the as-called and CUDA-graph times of each variant (ms, medians of 10). Variants
-(``--variants``): bf16 compiled; fp8fx compiled; fp8fx with fused_norm=False.
+(``--variants``): bf16 compiled; fp8fx compiled; the same with ``fp8fx.backend.guard_filter``
+as torch.compile's ``guard_filter_fn``; fp8fx with fused_norm=False.
 ``--logits-to-keep N``: the prefill computes the last N tokens' logits (1: as ``generate``
 prefills; 0, the default: every token's).
 
@@ -170,8 +171,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--logits-to-keep", type=int, default=0, help="1: only the last token's logits")
-    parser.add_argument("--variants", nargs="+", default=["bf16", "fp8fx", "fused_norm_off"],
-                        choices=["bf16", "fp8fx", "fused_norm_off"])
+    parser.add_argument("--variants", nargs="+", default=["bf16", "fp8fx", "fp8fx_guard_filter", "fused_norm_off"],
+                        choices=["bf16", "fp8fx", "fp8fx_guard_filter", "fused_norm_off"])
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile of the fp8fx prefill's host time")
     args = parser.parse_args()
@@ -193,9 +194,11 @@ def main():
         _split("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False, **keep), rec)
         torch._dynamo.reset()
     fp8fx.quantize_(model)
-    for label, be in [("fp8fx", fp8fx.backend), ("fused_norm_off", fp8fx.backend_with(fused_norm=False))]:
+    for label, be in [("fp8fx", fp8fx.backend), ("fp8fx_guard_filter", fp8fx.backend),
+                      ("fused_norm_off", fp8fx.backend_with(fused_norm=False))]:
         if label in args.variants:
-            fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True)
+            opts = {"guard_filter_fn": be.guard_filter} if label.endswith("guard_filter") else None
+            fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True, options=opts)
             _split(f"{label} compiled", lambda: fn(input_ids=ids, use_cache=False, **keep), rec)
             torch._dynamo.reset()
 

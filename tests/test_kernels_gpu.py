@@ -518,12 +518,15 @@ def test_gemv_tma_only_under_capture_and_same_sums(monkeypatch):
         monkeypatch.setattr(gemv_mod, "TMA_EAGER", False)
 
 
-def test_cublas_route_reused_and_invalidated():
-    """The second cuBLAS GEMM call on one weight at one M takes the recorded route (one
+def test_cublas_plan_reused_and_invalidated():
+    """The second cuBLAS GEMM call on one weight at one M takes the recorded plan (one
     torch._scaled_mm) and gives the same bits; an in-place change of the weight scale is
-    picked up (prepared_weight_scale), another M or row-major scales go through the checked
-    path again."""
+    picked up, another M or row-major scales go through the checked path again. A packed
+    group (block_gemm_cat) gets one plan over its joint rows, which goes when a member does."""
+    import gc
+
     from fp8fx import kernels
+    from fp8fx.api import _cat_bytes
     from fp8fx.kernels import dispatch
     from fp8fx.kernels.act_quant import act_quant
 
@@ -533,9 +536,9 @@ def test_cublas_route_reused_and_invalidated():
     xq, xs = act_quant(x, False, col_major=True)
     ref = reference.dequantize_act(xq, xs).double() @ reference.dequantize_weight(wq, ws).double().t()
     with dispatch.preference("cublas"):
-        kernels._CUBLAS_ROUTES.clear()
+        kernels._PLANS.clear()
         y1 = kernels.block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16)
-        assert len(kernels._CUBLAS_ROUTES) == 1
+        assert len(kernels._PLANS) == 1
         y2 = kernels.block_gemm_cuda(xq, xs, wq, ws, None, [128, 128], torch.bfloat16)
         assert torch.equal(y1, y2) and _rel(y2, ref) <= 2e-3
         assert _rel(kernels.block_gemm_cuda(xq, xs.contiguous(), wq, ws, None, [128, 128], torch.bfloat16), ref) <= 2e-3
@@ -544,6 +547,26 @@ def test_cublas_route_reused_and_invalidated():
         assert _rel(y3, 2 * ref) <= 2e-3
         y4 = kernels.block_gemm_cuda(xq[:128], xs[:128], wq, ws, None, [128, 128], torch.bfloat16)
         assert _rel(y4, 2 * ref[:128]) <= 2e-3
+
+        parts = [_weight(rows, k, "float32", seed=20 + i) for i, rows in enumerate((512, 128, 256))]
+        codes, scales = _cat_bytes([p[0] for p in parts]), _cat_bytes([p[1] for p in parts])
+        qs, ss, row, srow = [], [], 0, 0
+        for q, s in parts:
+            qs.append(codes[row:row + q.shape[0]])
+            ss.append(scales[srow:srow + s.shape[0]])
+            row, srow = row + q.shape[0], srow + s.shape[0]
+        want = torch.cat([kernels.block_gemm_cuda(xq, xs, q, s, None, [128, 128], torch.bfloat16)
+                          for q, s in parts], -1)
+        kernels._PLANS.clear()
+        cat = lambda: kernels.block_gemm_cat_cuda(xq, xs, qs, ss, [None] * 3, [128, 128], torch.bfloat16)  # noqa: E731
+        first = cat()
+        assert len(kernels._PLANS) == 1 and torch.equal(first, want)
+        assert torch.equal(cat(), want)  # from the plan
+        ss[1].mul_(0.5)  # one member's scales in place: the shared version moves, the plan is rebuilt
+        assert _rel(cat()[:, 512:640], want[:, 512:640].double() * 0.5) <= 2e-3
+        del qs, ss, codes, scales, cat
+        gc.collect()
+        assert not kernels._PLANS and not kernels._JOINT  # the entries went with the weights
 
 
 @pytest.mark.parametrize("first_use_in_graph,tma", [(False, False), (True, False), (False, True)])

@@ -147,3 +147,12 @@ def test_joint_weight_views_and_cache():
     assert kernels._joint_weight([ws[0], ws[1].clone(), ws[2]], ss) is None  # one copy: not packed
     assert kernels._joint_weight(ws, [ss[0], ss[1].clone(), ss[2]]) is None
     assert not packed_rows([q[:128], q[256:384]])  # a gap
+    # The entry holds the packed buffers, not the weights: once they go, so do the entry and
+    # the buffers (a deleted model's weights are not kept alive by the cache).
+    import gc
+    import weakref
+
+    buffers = [weakref.ref(q), weakref.ref(s)]
+    del q, s, ws, ss, joint
+    gc.collect()
+    assert not kernels._JOINT and all(r() is None for r in buffers)

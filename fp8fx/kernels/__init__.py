@@ -131,48 +131,73 @@ def act_quant_cuda(x, group_size, ue8m0):
     return quant(x, ue8m0, group_size)
 
 
-# The cuBLAS calls a compiled prefill graph repeats: per (weight, M, dtype, preference), a
-# weak reference to the weight once a call has taken the cuBLAS route with aligned rows, so
-# the next call whose operands have the same layout is one torch._scaled_mm (the scale comes
-# from prepared_weight_scale, which tracks the scale tensor). A GEMM wrapper's Python runs
-# once per GEMM per forward, on the host's critical path at prefill.
-_CUBLAS_ROUTES: dict[tuple, weakref.ref] = {}
+# The cuBLAS calls a compiled prefill graph repeats. Per (id of the weight's codes, or of the
+# first packed weight's, M, out dtype, kernel preference): what the call needs once a first
+# call went through every check on the cuBLAS route with aligned rows and no bias: (weak
+# references to the weight tensors (codes then scales), their data pointers, weak references
+# to the codes and scale tensors the GEMM reads (the joint views of a packed group), the
+# scale's version, the prepared scale, the scale blocks per row). A next call on the same
+# tensors (same objects and addresses, scale not modified in place) with activations in the
+# checked layout is one torch._scaled_mm. The GEMM wrapper's Python runs once per GEMM per
+# forward, on the host's critical path at prefill. An entry goes when a weight tensor does.
+_PLANS: dict[tuple, tuple] = {}
 _MAX_ROUTES = 1 << 14
 
 
-def _cublas_route_call(xq, xs, qweight, wscale, bias, out_dtype):
-    """torch._scaled_mm for a recorded route whose operands fit it, else None. (No imports
-    here: this runs once per GEMM of a compiled prefill, on the host's critical path, and a
-    route is only recorded once dispatch is loaded.)"""
-    if bias is not None or xq.dim() != 2 or not _CUBLAS_ROUTES:
+def _planned_gemm(members, xq, xs, out_dtype):
+    """torch._scaled_mm on the recorded plan for the weight tensors ``members``, else None.
+    (No imports here: a plan is only recorded once dispatch is loaded.)"""
+    if not _PLANS or xq.dim() != 2:
         return None
     m = xq.shape[0]
-    ref = _CUBLAS_ROUTES.get((id(qweight), m, out_dtype, sys.modules["fp8fx.kernels.dispatch"]._preference))
-    if ref is None or ref() is not qweight:
+    plan = _PLANS.get((id(members[0]), m, out_dtype, sys.modules["fp8fx.kernels.dispatch"]._preference))
+    if plan is None:
         return None
-    # The layout the route's first call was checked for: xq [M, K] row-major fp8, xs [M, nK]
+    refs, ptrs, codes_ref, scale_ref, version, scale_b, nk = plan
+    if len(refs) != len(members):
+        return None
+    for ref, t in zip(refs, members):
+        if ref() is not t:
+            return None
+    codes, scale = codes_ref(), scale_ref()
+    if codes is None or scale is None or tuple(map(torch.Tensor.data_ptr, members)) != ptrs:
+        return None
+    if version is not None and scale._version != version:
+        return None
+    # The layout the plan's first call was checked for: xq [M, K] row-major fp8, xs [M, nK]
     # fp32 column-major (the compiled graph's quant writes it so).
-    if xs.shape != (m, wscale.shape[1]) or xs.stride() != (1, m) or xs.dtype != torch.float32 or not xs.is_cuda:
+    if xs.shape != (m, nk) or xs.stride() != (1, m) or xs.dtype != torch.float32 or not xs.is_cuda:
         return None
-    if xq.shape[1] != qweight.shape[1] or not xq.is_contiguous() or xq.dtype != qweight.dtype:
+    if xq.shape[1] != codes.shape[1] or xq.dtype != codes.dtype or not xq.is_contiguous():
         return None
-    prepared = prepared_weight_scale(wscale, qweight.shape[0], "cublas")
-    return torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=prepared, out_dtype=out_dtype)
+    return torch._scaled_mm(xq, codes.t(), scale_a=xs, scale_b=scale_b, out_dtype=out_dtype)
 
 
-def _record_cublas_route(xq, qweight, out_dtype):
+def _cache_entry(cache: dict, key, members, value) -> None:
+    """cache[key] = (weak references to ``members``, *value); the entry goes when one of them does."""
+    if len(cache) >= _MAX_ROUTES:
+        cache.clear()
+    drop = lambda _, key=key: cache.pop(key, None)  # noqa: E731
+    cache[key] = ([weakref.ref(t, drop) for t in members], *value)
+
+
+def _record_plan(members, m, codes, scale, out_dtype):
     from fp8fx.kernels import dispatch
 
-    if len(_CUBLAS_ROUTES) >= _MAX_ROUTES:
-        _CUBLAS_ROUTES.clear()
-    _CUBLAS_ROUTES[(id(qweight), xq.shape[0], out_dtype, dispatch._preference)] = weakref.ref(qweight)
+    version = None if scale.is_inference() else scale._version
+    prepared = prepared_weight_scale(scale, codes.shape[0], "cublas")
+    _cache_entry(_PLANS, (id(members[0]), m, out_dtype, dispatch._preference), members,
+                 (tuple(t.data_ptr() for t in members), weakref.ref(codes), weakref.ref(scale), version, prepared,
+                  scale.shape[1]))
 
 
-def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
-    """CUDA fp8fx::block_gemm: xq[..., K] fp8 with xs[..., nK] (or a scalar) -> y[..., N]."""
-    y = _cublas_route_call(xq, xs, qweight, wscale, bias, out_dtype)
-    if y is not None:
-        return y
+def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype, plan=None):
+    """CUDA fp8fx::block_gemm: xq[..., K] fp8 with xs[..., nK] (or a scalar) -> y[..., N].
+    ``plan``: the weight tensors a cuBLAS plan is recorded for (default: qweight, wscale)."""
+    if bias is None:
+        y = _planned_gemm((qweight, wscale), xq, xs, out_dtype)
+        if y is not None:
+            return y
     from fp8fx import reference
     from fp8fx.kernels import cublas, dispatch
     from fp8fx.kernels.block_gemm import block_gemm as gemm
@@ -204,7 +229,7 @@ def block_gemm_cuda(xq, xs, qweight, wscale, bias, block_size, out_dtype):
         mp = cdiv(m, cublas.M_ALIGN) * cublas.M_ALIGN
         if mp == m:
             if backend == "cublas" and bias is None and xq.dim() == 2 and not static:
-                _record_cublas_route(xq, qweight, out_dtype)
+                _record_plan(plan or (qweight, wscale), m, qweight, wscale, out_dtype)
             xq_p = xq2.contiguous()
             xs_p = xs2.t().contiguous()
         else:
@@ -232,8 +257,9 @@ def _cat_rows(x, qweights, biases, block_size, out_dtype, **route) -> int:
     return m if ok else 0
 
 
-# Packed weight lists (api.pack_projections) -> (codes, scales) spanning them, kept while every
-# member lives at the address it had: (weakrefs, data pointers, joint codes, joint scales).
+# Packed weight lists (api.pack_projections) -> (codes, scales) spanning them, used while every
+# member lives at the address it had: (weakrefs, data pointers, joint codes, joint scales). The
+# joint views hold the packed buffer, not the members; an entry goes when a member does.
 _JOINT: dict[tuple[int, ...], tuple[list, tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
 
 
@@ -255,9 +281,7 @@ def _joint_weight(qweights, wscales):
     k, nk = qweights[0].shape[1], wscales[0].shape[1]
     n, ns = sum(w.shape[0] for w in qweights), sum(s.shape[0] for s in wscales)
     codes, scales = qweights[0].as_strided((n, k), (k, 1)), wscales[0].as_strided((ns, nk), (nk, 1))
-    if len(_JOINT) >= _MAX_ROUTES:
-        _JOINT.clear()
-    _JOINT[key] = ([weakref.ref(t) for t in members], ptrs, codes, scales)
+    _cache_entry(_JOINT, key, members, (ptrs, codes, scales))
     return codes, scales
 
 
@@ -265,13 +289,15 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     """CUDA fp8fx::block_gemm_cat: one gemv_cat launch when the weights fit one (_cat_rows,
     decode); else one GEMM over packed weights (api.pack_projections; prefill); otherwise
     block_gemm per weight, concatenated."""
-    joint = _joint_weight(qweights, wscales) if all(b is None for b in biases) else None
-    if joint is not None:
-        # A packed group this M already took to cuBLAS (a prefill's second call on): its route,
+    members = (*qweights, *wscales)
+    no_bias = all(b is None for b in biases)
+    if no_bias:
+        # A packed group this M already took to cuBLAS (a prefill's second call on): its plan,
         # recorded on a call that went through the checks below, skips them.
-        y = _cublas_route_call(xq, xs, *joint, None, out_dtype)
+        y = _planned_gemm(members, xq, xs, out_dtype)
         if y is not None:
             return y
+    joint = _joint_weight(qweights, wscales) if no_bias else None
     from fp8fx.kernels.gemv import gemv_cat
 
     _check_cuda(xq, xs, *qweights, *wscales, *biases)
@@ -279,7 +305,7 @@ def block_gemm_cat_cuda(xq, xs, qweights, wscales, biases, block_size, out_dtype
     m = _cat_rows(xq, qweights, biases, block_size, out_dtype, static_act=static)
     if not m:
         if joint is not None:
-            return block_gemm_cuda(xq, xs, *joint, None, block_size, out_dtype)
+            return block_gemm_cuda(xq, xs, *joint, None, block_size, out_dtype, plan=members)
         return torch.cat([block_gemm_cuda(xq, xs, w, s, b, block_size, out_dtype)
                           for w, s, b in zip(qweights, wscales, biases)], -1)
     y = gemv_cat(xq.reshape(m, -1), xs if static else xs.reshape(m, -1), qweights, wscales, biases, out_dtype)
