@@ -14,12 +14,14 @@ without waiting for the host. as called - queued is the host's share of the as-c
 ``--ab [OPTION]`` prints only the timings, for bf16 compiled and for fp8fx compiled with a
 backend option off and at its default: ``fused_norm`` (fp8fx.rms_norm_quant for the RMSNorms
 that feed quantizations; the default) or ``quant_kernels`` (fp8fx's quant kernel for the
-SwiGLU product and the attention output, passes/quant_kernel.py). ``--ab pack``: the model
+SwiGLU product and the attention output, passes/quant_kernel.py), or ``guard_filter``
+(fp8fx compiled without and with ``fp8fx.backend.guard_filter``). ``--ab pack``: the model
 quantized with ``quantize_(pack=False)``, then the same model after ``pack_projections`` (q/k/v
 and gate/up as one GEMM each), one after the other (a compiled graph holds its weights, so the
 two cannot be interleaved), each for the given rounds.
 
-    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--ab [fused_norm|quant_kernels|pack]]
+    python scripts/prefill_gaps.py [--layers 4] [--top 12] [--logits-to-keep N]
+        [--ab [fused_norm|quant_kernels|pack|guard_filter]]
 """
 
 import argparse
@@ -31,6 +33,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import fp8fx
 from fp8fx.bench_e2e import _graph_ms, _median_ms, _model
+
+
+KEEP: dict = {}  # extra model kwargs (--logits-to-keep)
 
 
 def _queued_ms(fn, repeats=10):
@@ -65,7 +70,7 @@ def _ab(model, ids, rounds, option="fused_norm"):
     interleaved rounds (both compiled graphs alive in one process); medians over rounds."""
     torch._inductor.config.fx_graph_cache = False
     bf16c = torch.compile(model, dynamic=True)
-    runs = {"bf16 compiled": [_timings(lambda: bf16c(input_ids=ids, use_cache=False), "", True) for _ in range(rounds)]}
+    runs = {"bf16 compiled": [_timings(lambda: bf16c(input_ids=ids, use_cache=False, **KEEP), "", True) for _ in range(rounds)]}
     torch._dynamo.reset()
     if option == "pack":
         fp8fx.quantize_(model, pack=False)
@@ -75,16 +80,22 @@ def _ab(model, ids, rounds, option="fused_norm"):
             torch._dynamo.reset()
             fn = torch.compile(model, backend=fp8fx.backend, dynamic=True)
             label = f"fp8fx pack={packed}"
-            runs[label] = [_timings(lambda: fn(input_ids=ids, use_cache=False), label, True) for _ in range(rounds)]
+            runs[label] = [_timings(lambda: fn(input_ids=ids, use_cache=False, **KEEP), label, True) for _ in range(rounds)]
         _print_ab(runs, rounds)
         return
     fp8fx.quantize_(model)
-    default = getattr(fp8fx.backend_with(), option)
-    fns = {f"fp8fx {option}={f}": torch.compile(model, backend=fp8fx.backend_with(**{option: f}), dynamic=True)
-           for f in (False, default)}
+    if option == "guard_filter":
+        be = fp8fx.backend_with()
+        fns = {"fp8fx": torch.compile(model, backend=fp8fx.backend_with(), dynamic=True),
+               "fp8fx guard_filter": torch.compile(model, backend=be, dynamic=True,
+                                                   options={"guard_filter_fn": be.guard_filter})}
+    else:
+        default = getattr(fp8fx.backend_with(), option)
+        fns = {f"fp8fx {option}={f}": torch.compile(model, backend=fp8fx.backend_with(**{option: f}), dynamic=True)
+               for f in (False, default)}
     for _ in range(rounds):
         for label, fn in fns.items():
-            runs.setdefault(label, []).append(_timings(lambda: fn(input_ids=ids, use_cache=False), label, True))
+            runs.setdefault(label, []).append(_timings(lambda: fn(input_ids=ids, use_cache=False, **KEEP), label, True))
     _print_ab(runs, rounds)
 
 
@@ -149,23 +160,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--ab", nargs="?", const="fused_norm", choices=["fused_norm", "quant_kernels", "pack"],
+    parser.add_argument("--logits-to-keep", type=int, default=0, help="1: only the last token's logits")
+    parser.add_argument("--ab", nargs="?", const="fused_norm", choices=["fused_norm", "quant_kernels", "pack", "guard_filter"],
                         help="timings only: bf16, fp8fx with this backend option off and at its default")
     parser.add_argument("--rounds", type=int, default=5, help="--ab: interleaved rounds of the fp8fx variants")
     args = parser.parse_args()
+    if args.logits_to_keep:
+        KEEP["logits_to_keep"] = args.logits_to_keep
     model = _model(args.layers)
     ids = torch.randint(0, 1000, (1, 2048), device="cuda")
     if args.ab:
         _ab(model, ids, args.rounds, args.ab)
         return
     bf16c = torch.compile(model, dynamic=True)
-    _timings(lambda: bf16c(input_ids=ids, use_cache=False), "bf16 compiled")
-    _report("bf16 compiled", *_events(lambda: bf16c(input_ids=ids, use_cache=False)), args.top)
+    _timings(lambda: bf16c(input_ids=ids, use_cache=False, **KEEP), "bf16 compiled")
+    _report("bf16 compiled", *_events(lambda: bf16c(input_ids=ids, use_cache=False, **KEEP)), args.top)
     torch._dynamo.reset()
     fp8fx.quantize_(model)
     fp8c = torch.compile(model, backend=fp8fx.backend, dynamic=True)
-    _timings(lambda: fp8c(input_ids=ids, use_cache=False), "fp8fx compiled")
-    _report("fp8fx compiled", *_events(lambda: fp8c(input_ids=ids, use_cache=False)), args.top)
+    _timings(lambda: fp8c(input_ids=ids, use_cache=False, **KEEP), "fp8fx compiled")
+    _report("fp8fx compiled", *_events(lambda: fp8c(input_ids=ids, use_cache=False, **KEEP)), args.top)
 
 
 if __name__ == "__main__":
