@@ -35,7 +35,9 @@ def main():
     model = tiny_llama(device)
     print(fp8fx.quantize_(model))
     print(explain(model, ids))  # which GEMMs become block-FP8, which stay, and why
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    # guard_filter: Dynamo guards each quantized weight as it guards a bf16 one (not also its
+    # codes and scales); the compiled call checks that the weights are the ones it holds.
+    compiled = torch.compile(model, backend=backend, dynamic=True, options={"guard_filter_fn": backend.guard_filter})
     with torch.no_grad():
         t0 = time.perf_counter()
         logits = compiled(ids).logits
