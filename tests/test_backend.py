@@ -1092,7 +1092,7 @@ def test_guard_filter_drops_the_inner_guards_of_held_weights():
     dropped = [(n, t) for n, t, k in seen[True] if not k]
     for proj in ("gate_proj", "up_proj", "down_proj"):
         w = next(n for n, t, _ in seen[True] if n.endswith(f"['{proj}']._parameters['weight']") and t == "TENSOR_MATCH")
-        assert sorted(dropped for dropped in dropped if dropped[0].startswith(w)) == sorted([
+        assert sorted(d for d in dropped if d[0].startswith(w)) == sorted([
             (w, "TENSOR_SUBCLASS_METADATA_MATCH"), (w + ".__tensor_flatten__()[0]", "EQUALS_MATCH"),
             (w + ".qdata", "TENSOR_MATCH"), (w + ".scale", "TENSOR_MATCH")])
         assert {(w, "TYPE_MATCH", True), (w, "TENSOR_MATCH", True)} <= set(seen[True])

@@ -518,7 +518,7 @@ def test_gemv_tma_only_under_capture_and_same_sums(monkeypatch):
         monkeypatch.setattr(gemv_mod, "TMA_EAGER", False)
 
 
-def test_cublas_plan_reused_and_invalidated():
+def test_cublas_plan_reused_and_invalidated(monkeypatch):
     """The second cuBLAS GEMM call on one weight at one M takes the recorded plan (one
     torch._scaled_mm) and gives the same bits; an in-place change of the weight scale is
     picked up, another M or row-major scales go through the checked path again. A packed
@@ -561,7 +561,9 @@ def test_cublas_plan_reused_and_invalidated():
         cat = lambda: kernels.block_gemm_cat_cuda(xq, xs, qs, ss, [None] * 3, [128, 128], torch.bfloat16)  # noqa: E731
         first = cat()
         assert len(kernels._PLANS) == 1 and torch.equal(first, want)
-        assert torch.equal(cat(), want)  # from the plan
+        with monkeypatch.context() as patch:  # from the plan: no joint view is built
+            patch.setattr(kernels, "_joint_weight", lambda *a: pytest.fail("the planned call built the joint view"))
+            assert torch.equal(cat(), want)
         ss[1].mul_(0.5)  # one member's scales in place: the shared version moves, the plan is rebuilt
         assert _rel(cat()[:, 512:640], want[:, 512:640].double() * 0.5) <= 2e-3
         del qs, ss, codes, scales, cat
