@@ -21,6 +21,7 @@ prefills; 0, the default: every token's).
 ``--micro`` times host costs of single calls instead: the fused norm op through torch.ops,
 its wrapper, its Triton launch alone (outputs preallocated), and the GEMM extern.
 ``--profile``: cProfile of the fp8fx prefill, per function (own and cumulative us per call).
+``--lead-in``: per variant, the host time from the call to its first kernel launch, by function.
 
     python scripts/prefill_host_split.py [--layers 16] [--logits-to-keep N] [--micro | --profile]
 """
@@ -135,6 +136,52 @@ def _wrap(backend, record):
     return compile_
 
 
+# C functions that put work on the GPU: Triton's and Inductor's launchers, extern GEMMs.
+_LAUNCHES = {"launch", "_launch_kernel", "_scaled_mm", "mm", "addmm", "embedding"}
+
+
+def _lead_in(label, call, top=14):
+    """One call under sys.setprofile up to the first kernel launch (a C function in _LAUNCHES):
+    the host time before the GPU gets work, split by function (exclusive time; the hook
+    inflates Python-heavy parts). Issued behind a GPU sleep."""
+    import sys
+
+    events: list = []
+
+    def hook(frame, event, arg):
+        if event.startswith("c_"):
+            name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", None) or str(arg)
+        else:
+            name = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+        events.append((time.perf_counter(), event, name))
+        if event == "c_call" and name.rsplit(".", 1)[-1] in _LAUNCHES:
+            sys.setprofile(None)
+
+    with torch.inference_mode():
+        call()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)
+        t0 = time.perf_counter()
+        sys.setprofile(hook)
+        call()
+        sys.setprofile(None)
+        torch.cuda.synchronize()
+    own: dict = {}
+    stack = ["(caller)"]
+    prev = t0
+    for t, event, name in events:
+        own[stack[-1]] = own.get(stack[-1], 0.0) + t - prev
+        prev = t
+        if event in ("call", "c_call"):
+            stack.append(name)
+        elif len(stack) > 1:
+            stack.pop()
+    first = events[-1][2] if events else "?"
+    print(f"{label}: {(prev - t0) * 1e3:.2f} ms from the call to the first launch ({first}); exclusive ms:")
+    for name, t in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t * 1e3:7.3f}  {name}")
+
+
 def _split(label, call, record, repeats=20):
     with torch.inference_mode():
         for _ in range(3):
@@ -175,6 +222,8 @@ def main():
                         choices=["bf16", "fp8fx", "fp8fx_guard_filter", "fused_norm_off"])
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile of the fp8fx prefill's host time")
+    parser.add_argument("--lead-in", action="store_true",
+                        help="per variant, only the host time from the call to its first kernel launch, by function")
     args = parser.parse_args()
     keep = {"logits_to_keep": args.logits_to_keep} if args.logits_to_keep else {}
     if args.micro:
@@ -191,7 +240,8 @@ def main():
     rec: list = []
     if "bf16" in args.variants:
         bf16c = torch.compile(model, backend=_wrap(compile_fx, rec), dynamic=True)
-        _split("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False, **keep), rec)
+        run = _lead_in if args.lead_in else _split
+        run("bf16 compiled", lambda: bf16c(input_ids=ids, use_cache=False, **keep), *([] if args.lead_in else [rec]))
         torch._dynamo.reset()
     fp8fx.quantize_(model)
     for label, be in [("fp8fx", fp8fx.backend), ("fp8fx_guard_filter", fp8fx.backend),
@@ -199,7 +249,8 @@ def main():
         if label in args.variants:
             opts = {"guard_filter_fn": be.guard_filter} if label.endswith("guard_filter") else None
             fn = torch.compile(model, backend=_wrap(be, rec), dynamic=True, options=opts)
-            _split(f"{label} compiled", lambda: fn(input_ids=ids, use_cache=False, **keep), rec)
+            run = _lead_in if args.lead_in else _split
+            run(f"{label} compiled", lambda: fn(input_ids=ids, use_cache=False, **keep), *([] if args.lead_in else [rec]))
             torch._dynamo.reset()
 
 
