@@ -15,7 +15,6 @@ time and no memory is added; eager calls read their own rows as before.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -45,6 +44,15 @@ _GEMM_ALIGN = 16  # fp8 GEMMs need 16-byte rows: N and K multiples of 16
 # Child linears of one module that read one input in transformers' models, in the order
 # their weights are packed (the order the model calls them in).
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(eq=False)
+class PackGroup:
+    """What pack_projections packed together: the group's qualified name and its size. Each
+    member weight holds (group, position) as ``pack_group``."""
+
+    name: str
+    size: int
 
 
 @dataclass
@@ -229,7 +237,8 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
 
     Moving the model afterwards (``model.to``) copies each weight on its own, which unpacks
     it (and a graph compiled before the move refuses the moved weights: recompile). Call this
-    again after a move."""
+    again after a move; a compile of a model whose groups a move unpacked warns (each packed
+    weight keeps its group as ``pack_group``, see ``unpacked_groups``)."""
     packed = []
     for mname, module in model.named_modules():
         for names in groups:
@@ -239,6 +248,10 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
             weights = [c.weight for c in children]
             if not _packable(weights) or len({id(w) for w in weights}) != len(weights):
                 continue
+            prefix = f"{mname}." if mname else ""
+            group = PackGroup(prefix + "{" + ",".join(names) + "}", len(weights))
+            for i, w in enumerate(weights):
+                w.pack_group = (group, i)
             if packed_rows([w.qdata for w in weights]) and packed_rows([w.scale for w in weights]):
                 continue  # already packed
             with torch.no_grad():
@@ -248,9 +261,25 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
                     n, ns = w.qdata.shape[0], w.scale.shape[0]
                     w.qdata, w.scale = codes[row:row + n], scales[srow:srow + ns]
                     row, srow = row + n, srow + ns
-            prefix = f"{mname}." if mname else ""
-            packed.append(prefix + "{" + ",".join(names) + "}")
+            packed.append(group.name)
     return packed
+
+
+def unpacked_groups(weights) -> list[str]:
+    """Names of the groups pack_projections packed whose members are all among ``weights``
+    (BlockFP8Tensors) but no longer share one buffer (a copy or a move unpacks them)."""
+    groups: dict[int, list] = {}
+    for w in weights:
+        if isinstance(w, BlockFP8Tensor) and w.pack_group is not None:
+            groups.setdefault(id(w.pack_group[0]), []).append(w)
+    lost = []
+    for members in groups.values():
+        group = members[0].pack_group[0]
+        members = sorted({id(w): w for w in members}.values(), key=lambda w: w.pack_group[1])
+        if len(members) == group.size and not (packed_rows([w.qdata for w in members])
+                                                and packed_rows([w.scale for w in members])):
+            lost.append(group.name)
+    return lost
 
 
 def quantize_(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
+import warnings
 import weakref
 from typing import Any, Optional, Sequence
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
-from fp8fx.api import LayerRecord, QuantizeReport, _skip_reason, quantize_weight_chunked
+from fp8fx.api import LayerRecord, QuantizeReport, _skip_reason, quantize_weight_chunked, unpacked_groups
 from fp8fx.config import BlockFP8Config
 from fp8fx.tensor import BlockFP8Tensor
 
@@ -494,6 +495,14 @@ def freeze_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], conf
         for fqn, w in weights:
             if not isinstance(w, BlockFP8Tensor) and isinstance(w, torch.Tensor):
                 report.skipped.append(LayerRecord(fqn, tuple(w.shape), "kept in high precision by fp8fx.quantize_"))
+        lost = unpacked_groups([w for _, w in weights])
+        if lost:
+            msg = (f"fp8fx.backend: {len(lost)} group(s) of projections that fp8fx packed into one buffer are not "
+                   f"packed any more (e.g. {lost[0]}): moving the model to another device (model.to) or replacing "
+                   "weights copies each weight on its own. A prefill then runs one GEMM per weight instead of one per group; call "
+                   "fp8fx.api.pack_projections(model) again before compiling.")
+            report.notes.append(msg)
+            warnings.warn(msg, stacklevel=2)
         _unwrap_quantized(gm, found)
         return report
     for fqn, w, wnode, linears in found:

@@ -34,6 +34,9 @@ class BlockFP8Tensor(torch.Tensor):
     Non-tensor attributes:
         block_size: (BN, BK), the weight block; BK is also the activation group size
         orig_dtype: the dtype it reports and dequantizes to (the model's compute dtype)
+        pack_group: (group, position) when api.pack_projections packed it with its siblings,
+            else None; kept by copies and moves, so a compile can tell a group that a copy
+            unpacked (``backend.freeze_weights``)
     """
 
     qdata: torch.Tensor
@@ -54,6 +57,7 @@ class BlockFP8Tensor(torch.Tensor):
         self.act_scale = act_scale
         self.block_size = tuple(block_size)
         self.orig_dtype = orig_dtype
+        self.pack_group = None
 
     # -- construction / conversion ------------------------------------------------------
 
@@ -110,7 +114,9 @@ class BlockFP8Tensor(torch.Tensor):
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], orig_dtype=None) -> "BlockFP8Tensor":
         """A new BlockFP8Tensor with ``fn`` applied to every inner tensor."""
         act = None if self.act_scale is None else fn(self.act_scale)
-        return BlockFP8Tensor(fn(self.qdata), fn(self.scale), self.block_size, orig_dtype or self.orig_dtype, act)
+        out = BlockFP8Tensor(fn(self.qdata), fn(self.scale), self.block_size, orig_dtype or self.orig_dtype, act)
+        out.pack_group = self.pack_group
+        return out
 
     # -- op overrides ---------------------------------------------------------------------
 

@@ -103,6 +103,40 @@ def test_unpacked_model_keeps_one_gemm_per_weight():
         assert not counters["fp8fx"]["block_gemm_cat"] and counters["fp8fx"]["block_gemm_lowered"] == 7
 
 
+def test_compile_reports_groups_a_copy_unpacked():
+    """model.to() to another device copies each weight on its own (here: Module._apply with a
+    clone, what .to() does per tensor): the groups quantize_ packed are not packed any more.
+    Compiling the copy says so (a warning and a note in the report) and names the fix;
+    packing again silences it. A deepcopy keeps the packing (views of one storage stay views),
+    and a model quantized with pack=False compiles without it."""
+    import warnings
+
+    from fp8fx.api import unpacked_groups
+    from fp8fx.backend import last_report
+
+    model = _llama(layers=2)
+    fp8fx.quantize_(model)
+    copied = copy.deepcopy(model)
+    assert all(_is_packed(g) for g in _groups(copied)) and not unpacked_groups(list(copied.parameters()))
+    copied._apply(lambda t: t.clone())
+    qkv, gate_up = _groups(copied)
+    assert not _is_packed(qkv) and not _is_packed(gate_up)
+    assert qkv[0].pack_group[0] is qkv[2].pack_group[0] is not _groups(model)[0][0].pack_group[0]
+    assert len(unpacked_groups(list(copied.parameters()))) == 4  # 2 layers x (q/k/v, gate/up)
+    ids = torch.randint(0, 128, (1, 9))
+    with fresh_compile(), torch.no_grad():
+        with pytest.warns(UserWarning, match=r"4 group\(s\) of projections .* not packed any more .*pack_projections"):
+            torch.compile(copied, backend=fp8fx.backend, dynamic=True)(ids)
+        assert any("not packed any more" in n for n in last_report().notes)
+    pack_projections(copied)
+    unpacked = _llama(layers=1)
+    fp8fx.quantize_(unpacked, pack=False)
+    for m in (copied, model, unpacked):
+        with fresh_compile(), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*not packed any more")
+            torch.compile(m, backend=fp8fx.backend, dynamic=True)(ids)
+
+
 def test_packing_enters_the_graph_cache_key():
     """Inductor's FX graph cache keys inputs without storage offsets: the pass's uuid carries
     which weights share a buffer (backend.packing_signature), so a graph compiled for packed
