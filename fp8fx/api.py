@@ -267,7 +267,7 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
 
 def unpacked_groups(weights) -> list[str]:
     """Names of the groups pack_projections packed whose members are all among ``weights``
-    (BlockFP8Tensors) but no longer share one buffer (a copy or a move unpacks them)."""
+    (BlockFP8Tensors) but no longer share one buffer (a move to another device unpacks them)."""
     groups: dict[int, list] = {}
     for w in weights:
         if isinstance(w, BlockFP8Tensor) and w.pack_group is not None:

@@ -35,7 +35,7 @@ class BlockFP8Tensor(torch.Tensor):
         block_size: (BN, BK), the weight block; BK is also the activation group size
         orig_dtype: the dtype it reports and dequantizes to (the model's compute dtype)
         pack_group: (group, position) when api.pack_projections packed it with its siblings,
-            else None; kept by copies and moves, so a compile can tell a group that a copy
+            else None; kept by copies and moves, so a compile can tell a group that a move
             unpacked (``backend.freeze_weights``)
     """
 
