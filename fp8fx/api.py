@@ -221,6 +221,11 @@ def packed_rows(tensors: list) -> bool:
     return True
 
 
+def _weights_packed(weights: list) -> bool:
+    """The BlockFP8Tensors' codes, and their scales, are back-to-back row ranges of one buffer each."""
+    return packed_rows([w.qdata for w in weights]) and packed_rows([w.scale for w in weights])
+
+
 def _cat_bytes(tensors: list) -> torch.Tensor:
     """torch.cat along rows through uint8 views: float8 codes and e8m0 scales need no cat
     kernel of their own dtype."""
@@ -252,7 +257,7 @@ def pack_projections(model: nn.Module, groups=PROJECTION_GROUPS) -> list[str]:
             group = PackGroup(prefix + "{" + ",".join(names) + "}", len(weights))
             for i, w in enumerate(weights):
                 w.pack_group = (group, i)
-            if packed_rows([w.qdata for w in weights]) and packed_rows([w.scale for w in weights]):
+            if _weights_packed(weights):
                 continue  # already packed
             with torch.no_grad():
                 codes, scales = _cat_bytes([w.qdata for w in weights]), _cat_bytes([w.scale for w in weights])
@@ -276,8 +281,7 @@ def unpacked_groups(weights) -> list[str]:
     for members in groups.values():
         group = members[0].pack_group[0]
         members = sorted({id(w): w for w in members}.values(), key=lambda w: w.pack_group[1])
-        if len(members) == group.size and not (packed_rows([w.qdata for w in members])
-                                                and packed_rows([w.scale for w in members])):
+        if len(members) == group.size and not _weights_packed(members):
             lost.append(group.name)
     return lost
 
