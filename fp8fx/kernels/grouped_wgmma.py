@@ -1,0 +1,277 @@
+"""Grouped (MoE) block-FP8 GEMM, contiguous layout, as a warp-specialized Hopper kernel (Gluon).
+
+The same problem as grouped_gemm.grouped_gemm (that module's docstring has the legend):
+
+    y[T, N] = for each expert e, rows offs[e-1]:offs[e]:  dequant(a) @ dequant(b[e]).T
+
+The Triton kernel tops out near 800 TFLOP/s on large groups: each K block's MMA waits for
+the previous block's promotion (``acc += dot * scale``), and Triton 3.6 neither overlaps the
+two nor splits the tile across independent warpgroups (kernels/NOTES.md, eighth session).
+This kernel writes the schedule out in Gluon, Triton's explicit-layout dialect:
+
+- one CTA per 128 x BLOCK_N output tile, in the Triton kernel's GROUP_M tile order, each
+  tile's (expert, first row) derived on the device from offs (no host synchronisation);
+- a loader partition (one warp) streams a's two 64-row halves and the expert's weight tile
+  through a STAGES-deep shared-memory ring with TMA, signalling ``ready`` mbarriers;
+- two math partitions (one warpgroup each, 64 rows of the tile each) run, per K block, a
+  fresh asynchronous wgmma, wait for it, release the stage (``empty``) and promote into
+  their fp32 accumulator with sa * sb. The two warpgroups are not synchronised with each
+  other, so one's promotion runs while the other's MMA occupies the tensor cores;
+- the epilogue stores bf16/fp16/fp32 rows with masks (a tile's rows past its expert's end
+  belong to the next tile).
+
+Rows of a tile past its expert's end are read (TMA zero-fills past T) and computed but
+never stored; the tail past offs[-1] is zeroed by its own tiles, as in the Triton kernel.
+
+``available()`` says whether this Triton has Gluon's Hopper API and the device is SM90;
+``supports()`` whether a problem fits (TMA needs 16-byte aligned rows and base pointers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp8fx import reference
+from fp8fx.kernels.host import cdiv, next_power_of_2
+
+__all__ = ["available", "grouped_gemm_wgmma", "supports"]
+
+BLOCK_M = 128  # two 64-row warpgroups
+BLOCK_K = 128
+
+try:  # Gluon's Hopper API (Triton >= 3.5); without it the Triton kernel serves every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
+    _IMPORT_ERROR = exc
+
+
+def available(device: torch.device | None = None) -> bool:
+    """Gluon's Hopper API imports and ``device`` (default: the current CUDA device) is SM90."""
+    if _IMPORT_ERROR is not None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def supports(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether (a[T, K], b[E, N, K]) can take this kernel: CUDA SM90, fp8 e4m3, K contiguous,
+    16-byte aligned bases and row strides (TMA), b's experts back to back, and an output
+    dtype the epilogue writes."""
+    if a.dim() != 2 or b.dim() != 3 or not a.is_cuda or not available(a.device):
+        return False
+    if a.dtype != reference.FP8_DTYPE or b.dtype != reference.FP8_DTYPE:
+        return False
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if a.stride(1) != 1 or b.stride(2) != 1 or b.stride(0) != b.shape[1] * b.stride(1):
+        return False
+    return (
+        a.data_ptr() % 16 == 0
+        and b.data_ptr() % 16 == 0
+        and a.stride(0) % 16 == 0
+        and b.stride(1) % 16 == 0
+        and a.shape[1] % 16 == 0
+    )
+
+
+if _IMPORT_ERROR is None:
+
+    _BM = gl.constexpr(BLOCK_M)
+    _BK = gl.constexpr(BLOCK_K)
+
+    @gluon.jit
+    def _add(x, y):
+        return x + y
+
+    @gluon.jit
+    def _expert_tile(offs_ptr, tile, T, E, E_POW2: gl.constexpr, num_warps: gl.constexpr):
+        """grouped_gemm.expert_tile for 128-row tiles: (g, row0, row_end) of row tile ``tile``;
+        g == E is the tail past offs[E-1], g > E a tile past the last one."""
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        e_ids = gl.arange(0, E_POW2, layout=lay)
+        ends = gl.load(offs_ptr + e_ids, mask=e_ids < E, other=0)
+        ends = gl.where(e_ids == E, T, ends)
+        starts = gl.load(offs_ptr + e_ids - 1, mask=(e_ids > 0) & (e_ids <= E), other=0)
+        starts = gl.where(e_ids == E, gl.load(offs_ptr + E - 1), starts)
+        tiles = gl.where(e_ids <= E, (gl.maximum(ends - starts, 0) + _BM - 1) // _BM, 0)
+        tile_end = gl.associative_scan(tiles, 0, _add)
+        g = gl.sum((tile_end <= tile).to(gl.int32), 0)
+        pick = e_ids == g
+        first_tile = gl.sum(gl.where(pick, tile_end - tiles, 0), 0)
+        row0 = gl.sum(gl.where(pick, starts, 0), 0) + (tile - first_tile) * _BM
+        row_end = gl.sum(gl.where(pick, ends, 0), 0)
+        return g, row0, row_end
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row0, b_row0, n_kb,
+                        STAGES: gl.constexpr):
+        """Streams K block kb of a's two 64-row halves and of the weight tile into stage
+        kb % STAGES once both math warpgroups have released it."""
+        nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for kb in range(n_kb):
+            s = kb % STAGES
+            mbarrier.wait(empty.index(s), ((kb // STAGES) & 1) ^ 1)  # the first round passes at once
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            k = kb * _BK
+            tma.async_copy_global_to_shared(a_desc, [row0, k], bar, a_bufs.index(2 * s))
+            tma.async_copy_global_to_shared(a_desc, [row0 + _BM // 2, k], bar, a_bufs.index(2 * s + 1))
+            tma.async_copy_global_to_shared(b_desc, [b_row0, k], bar, b_bufs.index(s))
+
+    @gluon.jit
+    def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
+                        row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
+                        HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr):
+        """One warpgroup: rows row0 + 64 * HALF + [0, 64) of the tile, all BLOCK_N columns."""
+        HM: gl.constexpr = _BM // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        rows = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
+        sa_ptrs = sa_ptr + gl.where(rows < row_end, rows, row0).to(gl.int64) * stride_sam
+        acc = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+        fresh = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+        for kb in range(n_kb):
+            s = kb % STAGES
+            sa = gl.load(sa_ptrs + kb * stride_sak)  # issued before the wait: its latency hides there
+            if B_SCALE_E8M0:
+                sb = (gl.load(sb_ptr + kb * stride_sbk).to(gl.int32) << 23).to(gl.float32, bitcast=True)
+            else:
+                sb = gl.load(sb_ptr + kb * stride_sbk)
+            mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
+            part = warpgroup_mma(a_bufs.index(2 * s + HALF), b_bufs.index(s).permute((1, 0)), fresh,
+                                 use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc += part * gl.expand_dims(sa * sb, 1)
+
+        out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
+        rows_o = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
+        cols_o = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+        ptrs = c_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols_o, 0)
+        mask = gl.expand_dims(rows_o < row_end, 1) & gl.expand_dims(cols_o < N, 0)
+        gl.store(ptrs, out, mask=mask)
+
+    @gluon.jit
+    def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
+                    row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
+                    B_SCALE_E8M0: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
+                        row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
+                        1, B_SCALE_E8M0, BLOCK_N, STAGES)
+
+    @gluon.jit
+    def _grouped_wgmma_kernel(
+        a_desc, b_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
+        T, N, K, E,
+        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+        B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        # Tile order: the Triton kernel's (GROUP_M row tiles share each sweep over the columns).
+        pid = gl.program_id(0)
+        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+        row_tiles = gl.num_programs(0) // tiles_n
+        group = GROUP_M * tiles_n
+        first_m = (pid // group) * GROUP_M
+        rows_in_group = gl.minimum(row_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % rows_in_group
+        pid_n = (pid % group) // rows_in_group
+        g, row0, row_end = _expert_tile(offs_ptr, pid_m, T, E, E_POW2, num_warps)
+        n0 = pid_n * BLOCK_N
+        if g > E:  # past the last tile of this batch
+            return
+        if g == E:  # rows no expert owns: zeros
+            zl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+            rows = row0 + gl.arange(0, _BM, layout=gl.SliceLayout(1, zl))
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zl))
+            ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
+            mask = gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0)
+            gl.store(ptrs, gl.zeros([_BM, BLOCK_N], c_ptr.dtype.element_ty, zl), mask=mask)
+            return
+
+        n_kb = (K + _BK - 1) // _BK
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
+
+        # This tile's weight scales: one per K block (BLOCK_N divides 128: one scale row).
+        sb_tile = sb_ptr + g * stride_sbe + (n0 // 128) * stride_sbn
+        gl.warp_specialize([
+            (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_tile, c_ptr,
+                               row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
+                               0, B_SCALE_E8M0, BLOCK_N, STAGES)),
+            (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_tile, c_ptr,
+                           row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
+                           B_SCALE_E8M0, BLOCK_N, STAGES)),
+            (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, row0, g * N + n0, n_kb, STAGES)),
+        ], [4, 1], [MATH_REGS, 40])
+
+
+def _descriptors(a: torch.Tensor, b: torch.Tensor, block_n: int):
+    e, n, k = b.shape
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], gl.float8e4nv)
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [BLOCK_M // 2, BLOCK_K], a_layout)
+    b_desc = TensorDescriptor(b, [e * n, k], [b.stride(1), 1], [block_n, BLOCK_K], b_layout)
+    return a_desc, b_desc
+
+
+def grouped_gemm_wgmma(
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block_n: int = 128,
+    stages: int = 4,
+    group_m: int = 8,
+    math_regs: int = 208,
+    maxnreg: int | None = None,
+) -> torch.Tensor:
+    """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
+    The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
+    t, k = a.shape
+    e, n, _ = b.shape
+    if not supports(a, b, out_dtype):
+        raise ValueError(
+            "fp8fx grouped_gemm_wgmma: needs SM90 CUDA fp8 e4m3 a[T, K] and b[E, N, K] with K contiguous, "
+            f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
+            f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
+        )
+    if 128 % block_n or block_n < 16:
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must divide 128 (16..128), got {block_n}")
+    if tuple(sa.shape) != (t, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
+        raise ValueError(
+            f"fp8fx grouped_gemm_wgmma: activation scales must be fp32 ({t}, {cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
+        )
+    if tuple(offs.shape) != (e,):
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: offs must have shape ({e},), got {tuple(offs.shape)}")
+    e8m0 = sb.dtype == reference.E8M0_DTYPE
+    sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
+    out = torch.empty(t, n, dtype=out_dtype, device=a.device)
+    if t == 0 or n == 0:
+        return out
+    from fp8fx.kernels.grouped_gemm import max_row_tiles
+
+    a_desc, b_desc = _descriptors(a, b, block_n)
+    grid = (max_row_tiles(t, e, BLOCK_M) * cdiv(n, block_n),)
+    launch = {} if maxnreg is None else {"maxnreg": maxnreg}
+    _grouped_wgmma_kernel[grid](
+        a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
+        t, n, k, e,
+        sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
+        B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
+        STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
+    )
+    return out
