@@ -29,6 +29,8 @@ never stored; the tail past offs[-1] is zeroed by its own tiles, as in the Trito
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fp8fx import reference
@@ -88,10 +90,10 @@ if _IMPORT_ERROR is None:
         return x + y
 
     @gluon.jit
-    def _expert_tile(offs_ptr, tile, T, E, E_POW2: gl.constexpr, num_warps: gl.constexpr):
+    def _expert_tile(offs_ptr, tile, T, E, E_POW2: gl.constexpr):
         """grouped_gemm.expert_tile for 128-row tiles: (g, row0, row_end) of row tile ``tile``;
         g == E is the tail past offs[E-1], g > E a tile past the last one."""
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
         e_ids = gl.arange(0, E_POW2, layout=lay)
         ends = gl.load(offs_ptr + e_ids, mask=e_ids < E, other=0)
         ends = gl.where(e_ids == E, T, ends)
@@ -107,95 +109,109 @@ if _IMPORT_ERROR is None:
         return g, row0, row_end
 
     @gluon.jit
-    def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row0, b_row0, n_kb,
-                        STAGES: gl.constexpr):
-        """Streams K block kb of a's two 64-row halves and of the weight tile into stage
-        kb % STAGES once both math warpgroups have released it."""
-        nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
-        for kb in range(n_kb):
-            s = kb % STAGES
-            mbarrier.wait(empty.index(s), ((kb // STAGES) & 1) ^ 1)  # the first round passes at once
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
-            k = kb * _BK
-            tma.async_copy_global_to_shared(a_desc, [row0, k], bar, a_bufs.index(2 * s))
-            tma.async_copy_global_to_shared(a_desc, [row0 + _BM // 2, k], bar, a_bufs.index(2 * s + 1))
-            tma.async_copy_global_to_shared(b_desc, [b_row0, k], bar, b_bufs.index(s))
+    def _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+              GROUP_M: gl.constexpr):
+        """(g, row0, row_end, n0) of output tile ``tile_id`` in the Triton kernel's order: GROUP_M
+        row tiles share each sweep over the columns (their a rows are read from DRAM once and
+        each expert's weight tile is reused from L2)."""
+        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+        group = GROUP_M * tiles_n
+        first_m = (tile_id // group) * GROUP_M
+        rows_in_group = gl.minimum(row_tiles - first_m, GROUP_M)
+        pid_m = first_m + (tile_id % group) % rows_in_group
+        pid_n = (tile_id % group) // rows_in_group
+        g, row0, row_end = _expert_tile(offs_ptr, pid_m, T, E, E_POW2)
+        return g, row0, row_end, pid_n * BLOCK_N
 
     @gluon.jit
-    def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
-                        row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
-                        HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
+                        E_POW2: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                         STAGES: gl.constexpr):
-        """One warpgroup: rows row0 + 64 * HALF + [0, 64) of the tile, all BLOCK_N columns."""
+        """One warp: for each of this CTA's tiles, streams K block kb of a's two 64-row halves
+        and of the weight tile into the next ring stage once both math warpgroups released it.
+        Runs ahead across tiles, so the next tile's loads overlap this tile's epilogue."""
+        nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        n_kb = (K + _BK - 1) // _BK
+        total = row_tiles * ((N + BLOCK_N - 1) // BLOCK_N)
+        it = 0  # K blocks issued so far: ring stage it % STAGES, phase (it // STAGES) & 1
+        for tile_id in range(gl.program_id(0), total, gl.num_programs(0)):
+            g, row0, row_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N, GROUP_M)
+            if g < E:
+                b_row0 = g * N + n0
+                for kb in range(n_kb):
+                    s = it % STAGES
+                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # the first round passes
+                    bar = ready.index(s)
+                    mbarrier.expect(bar, nbytes)
+                    k = kb * _BK
+                    tma.async_copy_global_to_shared(a_desc, [row0, k], bar, a_bufs.index(2 * s))
+                    tma.async_copy_global_to_shared(a_desc, [row0 + _BM // 2, k], bar, a_bufs.index(2 * s + 1))
+                    tma.async_copy_global_to_shared(b_desc, [b_row0, k], bar, b_bufs.index(s))
+                    it += 1
+
+    @gluon.jit
+    def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                        HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr,
+                        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: rows 64 * HALF + [0, 64) of each of this CTA's tiles, all BLOCK_N columns."""
         HM: gl.constexpr = _BM // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
-        rows = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
-        sa_ptrs = sa_ptr + gl.where(rows < row_end, rows, row0).to(gl.int64) * stride_sam
-        acc = gl.zeros([HM, BLOCK_N], gl.float32, mma)
-        fresh = gl.zeros([HM, BLOCK_N], gl.float32, mma)
-        for kb in range(n_kb):
-            s = kb % STAGES
-            sa = gl.load(sa_ptrs + kb * stride_sak)  # issued before the wait: its latency hides there
-            if B_SCALE_E8M0:
-                sb = (gl.load(sb_ptr + kb * stride_sbk).to(gl.int32) << 23).to(gl.float32, bitcast=True)
-            else:
-                sb = gl.load(sb_ptr + kb * stride_sbk)
-            mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
-            part = warpgroup_mma(a_bufs.index(2 * s + HALF), b_bufs.index(s).permute((1, 0)), fresh,
-                                 use_acc=False, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-            mbarrier.arrive(empty.index(s), count=1)
-            acc += part * gl.expand_dims(sa * sb, 1)
-
         out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
-        rows_o = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
-        cols_o = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
-        ptrs = c_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols_o, 0)
-        mask = gl.expand_dims(rows_o < row_end, 1) & gl.expand_dims(cols_o < N, 0)
-        gl.store(ptrs, out, mask=mask)
+        n_kb = (K + _BK - 1) // _BK
+        total = row_tiles * ((N + BLOCK_N - 1) // BLOCK_N)
+        fresh = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+        it = 0
+        for tile_id in range(gl.program_id(0), total, gl.num_programs(0)):
+            g, row0, row_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N, GROUP_M)
+            if g <= E:
+                acc = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+                if g < E:
+                    rows = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
+                    sa_ptrs = sa_ptr + gl.where(rows < row_end, rows, row0).to(gl.int64) * stride_sam
+                    # BLOCK_N divides 128: the tile's columns share one weight-scale row
+                    sb_ptrs = sb_ptr + g * stride_sbe + (n0 // 128) * stride_sbn
+                    for kb in range(n_kb):
+                        s = it % STAGES
+                        sa = gl.load(sa_ptrs + kb * stride_sak)  # issued before the wait hides its latency
+                        if B_SCALE_E8M0:
+                            sb = (gl.load(sb_ptrs + kb * stride_sbk).to(gl.int32) << 23).to(gl.float32, bitcast=True)
+                        else:
+                            sb = gl.load(sb_ptrs + kb * stride_sbk)
+                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                        part = warpgroup_mma(a_bufs.index(2 * s + HALF), b_bufs.index(s).permute((1, 0)), fresh,
+                                             use_acc=False, is_async=True)
+                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                        mbarrier.arrive(empty.index(s), count=1)
+                        acc += part * gl.expand_dims(sa * sb, 1)
+                        it += 1
+                # g == E: rows no expert owns, stored as zeros
+                out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
+                rows_o = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
+                cols_o = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+                ptrs = c_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols_o, 0)
+                mask = gl.expand_dims(rows_o < row_end, 1) & gl.expand_dims(cols_o < N, 0)
+                gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
-    def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
-                    row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
-                    B_SCALE_E8M0: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr,
-                        row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
-                        1, B_SCALE_E8M0, BLOCK_N, STAGES)
+    def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                    stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                    B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+                    GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                        1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)
 
     @gluon.jit
     def _grouped_wgmma_kernel(
         a_desc, b_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
-        T, N, K, E,
+        T, N, K, E, row_tiles,
         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
         B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
         GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        # Tile order: the Triton kernel's (GROUP_M row tiles share each sweep over the columns).
-        pid = gl.program_id(0)
-        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-        row_tiles = gl.num_programs(0) // tiles_n
-        group = GROUP_M * tiles_n
-        first_m = (pid // group) * GROUP_M
-        rows_in_group = gl.minimum(row_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % rows_in_group
-        pid_n = (pid % group) // rows_in_group
-        g, row0, row_end = _expert_tile(offs_ptr, pid_m, T, E, E_POW2, num_warps)
-        n0 = pid_n * BLOCK_N
-        if g > E:  # past the last tile of this batch
-            return
-        if g == E:  # rows no expert owns: zeros
-            zl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-            rows = row0 + gl.arange(0, _BM, layout=gl.SliceLayout(1, zl))
-            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zl))
-            ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
-            mask = gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0)
-            gl.store(ptrs, gl.zeros([_BM, BLOCK_N], c_ptr.dtype.element_ty, zl), mask=mask)
-            return
-
-        n_kb = (K + _BK - 1) // _BK
+        # Persistent: program p takes tiles p, p + P, ... (P programs, at most one per SM).
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -204,16 +220,15 @@ if _IMPORT_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
 
-        # This tile's weight scales: one per K block (BLOCK_N divides 128: one scale row).
-        sb_tile = sb_ptr + g * stride_sbe + (n0 // 128) * stride_sbn
         gl.warp_specialize([
-            (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_tile, c_ptr,
-                               row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
-                               0, B_SCALE_E8M0, BLOCK_N, STAGES)),
-            (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_tile, c_ptr,
-                           row0, row_end, n0, N, n_kb, stride_sam, stride_sak, stride_sbk, stride_cm,
-                           B_SCALE_E8M0, BLOCK_N, STAGES)),
-            (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, row0, g * N + n0, n_kb, STAGES)),
+            (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                               stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                               0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
+            (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                           stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                           B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
+            (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
+                               E_POW2, BLOCK_N, GROUP_M, STAGES)),
         ], [4, 1], [MATH_REGS, 40])
 
 
@@ -224,6 +239,15 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, block_n: int):
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [BLOCK_M // 2, BLOCK_K], a_layout)
     b_desc = TensorDescriptor(b, [e * n, k], [b.stride(1), 1], [block_n, BLOCK_K], b_layout)
     return a_desc, b_desc
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def grouped_gemm_wgmma(
@@ -238,6 +262,7 @@ def grouped_gemm_wgmma(
     group_m: int = 8,
     math_regs: int = 208,
     maxnreg: int | None = None,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
     The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
@@ -265,11 +290,12 @@ def grouped_gemm_wgmma(
     from fp8fx.kernels.grouped_gemm import max_row_tiles
 
     a_desc, b_desc = _descriptors(a, b, block_n)
-    grid = (max_row_tiles(t, e, BLOCK_M) * cdiv(n, block_n),)
+    row_tiles = max_row_tiles(t, e, BLOCK_M)
+    grid = (min(row_tiles * cdiv(n, block_n), programs or _sm_count(a.device)),)
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
     _grouped_wgmma_kernel[grid](
         a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
-        t, n, k, e,
+        t, n, k, e, row_tiles,
         sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
         B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
         STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
