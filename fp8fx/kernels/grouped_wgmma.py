@@ -150,49 +150,75 @@ if _IMPORT_ERROR is None:
                     it += 1
 
     @gluon.jit
+    def _weight_scale(ptr, ok, B_SCALE_E8M0: gl.constexpr):
+        if B_SCALE_E8M0:
+            return (gl.load(ptr, mask=ok, other=127).to(gl.int32) << 23).to(gl.float32, bitcast=True)
+        return gl.load(ptr, mask=ok, other=0.0)
+
+    @gluon.jit
+    def _store_rows(c_ptr, acc, row0, row_end, col0, N, stride_cm, HM: gl.constexpr):
+        """acc [HM, 128] fp32 -> c rows row0 + [0, HM) below row_end, columns col0 + [0, 128) below N."""
+        out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
+        rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
+        cols = col0 + gl.arange(0, 128, layout=gl.SliceLayout(0, out_l))
+        ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
+
+    @gluon.jit
     def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                         HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr,
                         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-        """One warpgroup: rows 64 * HALF + [0, 64) of each of this CTA's tiles, all BLOCK_N columns."""
+        """One warpgroup: rows 64 * HALF + [0, 64) of each of this CTA's tiles, all BLOCK_N columns,
+        as BLOCK_N // 128 column blocks of one weight scale each (an fp32 accumulator of 64
+        registers per block, and one 64-register MMA result live at a time)."""
         HM: gl.constexpr = _BM // 2
+        NSUB: gl.constexpr = BLOCK_N // 128
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])
-        out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+                                                      instr_shape=[16, 128, 32])
         n_kb = (K + _BK - 1) // _BK
         total = row_tiles * ((N + BLOCK_N - 1) // BLOCK_N)
-        fresh = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+        fresh = gl.zeros([HM, 128], gl.float32, mma)
         it = 0
         for tile_id in range(gl.program_id(0), total, gl.num_programs(0)):
             g, row0, row_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N, GROUP_M)
             if g <= E:
-                acc = gl.zeros([HM, BLOCK_N], gl.float32, mma)
+                acc0 = gl.zeros([HM, 128], gl.float32, mma)
+                acc1 = gl.zeros([HM, 128], gl.float32, mma)
                 if g < E:
                     rows = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
                     sa_ptrs = sa_ptr + gl.where(rows < row_end, rows, row0).to(gl.int64) * stride_sam
-                    # BLOCK_N divides 128: the tile's columns share one weight-scale row
                     sb_ptrs = sb_ptr + g * stride_sbe + (n0 // 128) * stride_sbn
+                    has1 = n0 + 128 < N
                     for kb in range(n_kb):
                         s = it % STAGES
                         sa = gl.load(sa_ptrs + kb * stride_sak)  # issued before the wait hides its latency
-                        if B_SCALE_E8M0:
-                            sb = (gl.load(sb_ptrs + kb * stride_sbk).to(gl.int32) << 23).to(gl.float32, bitcast=True)
-                        else:
-                            sb = gl.load(sb_ptrs + kb * stride_sbk)
+                        sb0 = _weight_scale(sb_ptrs + kb * stride_sbk, True, B_SCALE_E8M0)
                         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                        part = warpgroup_mma(a_bufs.index(2 * s + HALF), b_bufs.index(s).permute((1, 0)), fresh,
-                                             use_acc=False, is_async=True)
-                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
-                        mbarrier.arrive(empty.index(s), count=1)
-                        acc += part * gl.expand_dims(sa * sb, 1)
+                        a_s = a_bufs.index(2 * s + HALF)
+                        b_s = b_bufs.index(s)
+                        if NSUB == 1:
+                            part = warpgroup_mma(a_s, b_s.permute((1, 0)), fresh, use_acc=False, is_async=True)
+                            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                            mbarrier.arrive(empty.index(s), count=1)
+                            acc0 += part * gl.expand_dims(sa * sb0, 1)
+                        else:
+                            sb1 = _weight_scale(sb_ptrs + stride_sbn + kb * stride_sbk, has1, B_SCALE_E8M0)
+                            part = warpgroup_mma(a_s, b_s.slice(0, 128).permute((1, 0)), fresh,
+                                                 use_acc=False, is_async=True)
+                            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                            acc0 += part * gl.expand_dims(sa * sb0, 1)
+                            part = warpgroup_mma(a_s, b_s.slice(128, 128).permute((1, 0)), fresh,
+                                                 use_acc=False, is_async=True)
+                            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+                            mbarrier.arrive(empty.index(s), count=1)
+                            acc1 += part * gl.expand_dims(sa * sb1, 1)
                         it += 1
-                # g == E: rows no expert owns, stored as zeros
-                out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
-                rows_o = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
-                cols_o = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
-                ptrs = c_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols_o, 0)
-                mask = gl.expand_dims(rows_o < row_end, 1) & gl.expand_dims(cols_o < N, 0)
-                gl.store(ptrs, out, mask=mask)
+                # g == E (rows no expert owns): the zeros are stored
+                _store_rows(c_ptr, acc0, row0 + HALF * HM, row_end, n0, N, stride_cm, HM)
+                if NSUB == 2:
+                    _store_rows(c_ptr, acc1, row0 + HALF * HM, row_end, n0 + 128, N, stride_cm, HM)
 
     @gluon.jit
     def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
@@ -274,8 +300,8 @@ def grouped_gemm_wgmma(
             f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
             f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
         )
-    if 128 % block_n or block_n < 16:
-        raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must divide 128 (16..128), got {block_n}")
+    if block_n not in (128, 256):
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must be 128 or 256, got {block_n}")
     if tuple(sa.shape) != (t, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
         raise ValueError(
             f"fp8fx grouped_gemm_wgmma: activation scales must be fp32 ({t}, {cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
