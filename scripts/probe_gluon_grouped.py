@@ -85,12 +85,45 @@ def one(spec: str) -> None:
           f"({t_ms / g_ms:.3f}x), worst rel {worst:.1e}")
 
 
+TABLE = [  # (experts, rows per expert, N, K)
+    (4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 1024, 4096, 7168), (32, 256, 4096, 7168),
+    (128, 64, 1536, 2048), (128, 128, 1536, 2048), (128, 256, 1536, 2048), (128, 512, 1536, 2048),
+    (128, 1024, 1536, 2048), (128, 256, 2048, 768), (128, 512, 2048, 768), (128, 1024, 2048, 768),
+]
+
+
+def table() -> None:
+    """Triton kernel (as config_for tiles it) against the Hopper kernel at 128- and 256-column
+    tiles, GEMM alone, TFLOP/s: where grouped_linear should switch (dispatch.GROUPED_WGMMA_MIN_ROWS)."""
+    import triton
+
+    from fp8fx.kernels.grouped_gemm import config_for, grouped_gemm
+    from fp8fx.kernels.grouped_wgmma import grouped_gemm_wgmma
+
+    print("| experts x rows x N x K | Triton (BM) | Hopper BN 128 | Hopper BN 256 | best Hopper / Triton |")
+    print("|---|---|---|---|---|")
+    for e, r, n, k in TABLE:
+        xq, xs, q, s, offs = _inputs([r] * e, n, k, "float32", 1)
+        flop = 2 * e * r * n * k
+        bm, w, st = config_for(e * r, e)
+        tf = lambda fn: flop / triton.testing.do_bench(fn, warmup=25, rep=200) / 1e9
+        t = tf(lambda: grouped_gemm(xq, xs, q, s, offs, torch.bfloat16, bm, 128, w, st))
+        h128 = tf(lambda: grouped_gemm_wgmma(xq, xs, q, s, offs, torch.bfloat16, 128))
+        h256 = tf(lambda: grouped_gemm_wgmma(xq, xs, q, s, offs, torch.bfloat16, 256)) if n % 256 == 0 else 0.0
+        print(f"| {e} x {r} x {n} x {k} | {t:.0f} ({bm}) | {h128:.0f} | {h256:.0f} | {max(h128, h256) / t:.2f} |")
+        sys.stdout.flush()
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--one")
     p.add_argument("--variants", nargs="*", default=VARIANTS)
     p.add_argument("--timeout", type=int, default=120)
+    p.add_argument("--table", action="store_true", help="Triton vs Hopper kernel by rows per expert")
     args = p.parse_args()
+    if args.table:
+        table()
+        return 0
     if args.one:
         one(args.one)
         return 0

@@ -58,6 +58,88 @@ def test_grouped_linear_vs_reference(n, k, counts, scale_fmt, route, monkeypatch
     assert _rel(y, _exact(x, q, s, offs)) <= 2e-3
 
 
+def _hopper():
+    from fp8fx.kernels import grouped_wgmma
+
+    if not grouped_wgmma.available():
+        pytest.skip(f"the Hopper grouped GEMM needs an SM90 GPU and Gluon (Triton >= 3.6): {torch.cuda.get_device_name()}")
+    return grouped_wgmma
+
+
+@pytest.mark.parametrize("block_n", [128, 256])
+@pytest.mark.parametrize(
+    "n,k,counts,scale_fmt,out_dtype",
+    [
+        (4096, 7168, [700, 0, 1, 3000, 0, 95], "float32", torch.bfloat16),  # uneven and empty experts
+        (4096, 7168, [700, 0, 1, 3000, 0, 95], "ue8m0", torch.bfloat16),
+        (7168, 2048, [1, 0, 0, 0], "float32", torch.float16),  # one token
+        (576, 7168, [0, 0, 513, 0], "ue8m0", torch.float32),  # all rows to one expert, a partial N block
+        (384, 1040, [130, 127, 128, 1], "float32", torch.bfloat16),  # a partial K block, tiles across experts
+        (256, 256, [0, 0, 0], "float32", torch.bfloat16),  # no rows at all
+    ],
+)
+def test_hopper_grouped_gemm_vs_reference(n, k, counts, scale_fmt, out_dtype, block_n):
+    """The warp-specialized Gluon grouped GEMM against the float64 reference: heavy-tailed and
+    outlier activations, a zero row, uneven/empty experts, partial N and K blocks, rows past
+    offs[-1] (zeros), one program per SM and three persistent programs (bit-equal), and
+    the Triton kernel (bit-equal: same MMA order and promotion)."""
+    gw = _hopper()
+    from fp8fx.kernels.act_quant import act_quant
+    from fp8fx.kernels.grouped_gemm import grouped_gemm
+
+    g = torch.Generator(device="cuda").manual_seed(n + k + len(counts))
+    e = len(counts)
+    w = torch.randn(e, n, k, device="cuda", generator=g) * 0.02
+    w[:, :, :3] *= 200  # outlier columns
+    q, s = R.quantize_weight(w, scale_fmt=scale_fmt)
+    t = sum(counts)
+    x = (torch.distributions.StudentT(2.0).sample((t + 5, k))).to("cuda", torch.bfloat16)
+    if t:
+        x[t // 2, :64] *= 500
+        x[0] = 0.0
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    xq, xs = act_quant(x, ue8m0=scale_fmt == "ue8m0")
+    torch.empty(256 * 2**20, device="cuda").fill_(float("nan"))  # poison the allocator
+    y = gw.grouped_gemm_wgmma(xq, xs, q, s, offs, out_dtype, block_n)
+    assert y.dtype == out_dtype and y.shape == (t + 5, n)
+    assert torch.isfinite(y).all()
+    assert (y[t:] == 0).all(), "rows past offs[-1] must be zeros"
+    if t:
+        assert _rel(y[:t], _exact(x[:t], q, s, offs)) <= 2e-3
+    assert torch.equal(gw.grouped_gemm_wgmma(xq, xs, q, s, offs, out_dtype, block_n, programs=3), y)
+    assert torch.equal(grouped_gemm(xq, xs, q, s, offs, out_dtype, 128, 128, 8, 4), y)
+
+
+def test_hopper_grouped_gemm_static_scales_and_dispatch(monkeypatch):
+    """grouped_linear takes the Hopper kernel from dispatch.GROUPED_WGMMA_MIN_ROWS rows per
+    expert (and not below it), also with static per-expert activation scales (a stride-0 scale
+    view); results match the reference either way."""
+    gw = _hopper()
+    from fp8fx.kernels import dispatch, grouped_wgmma
+
+    calls = []
+    real = grouped_wgmma.grouped_gemm_wgmma
+    monkeypatch.setattr(grouped_wgmma, "grouped_gemm_wgmma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(dispatch, "GROUPED_GEMV_MAX_ROWS", 0)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    counts = [300, 0, 212]
+    q, s = R.quantize_weight(torch.randn(3, 512, 1024, device="cuda", generator=g) * 0.02)
+    x = torch.randn(sum(counts), 1024, device="cuda", generator=g).to(torch.bfloat16)
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    act = torch.tensor([0.02, 0.5, 0.03], device="cuda")
+    monkeypatch.setattr(dispatch, "GROUPED_WGMMA_MIN_ROWS", 1000)
+    y_triton = torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])
+    assert not calls
+    monkeypatch.setattr(dispatch, "GROUPED_WGMMA_MIN_ROWS", 64)
+    y = torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])
+    y_static = torch.ops.fp8fx.grouped_linear(x, q, s, offs, act, [128, 128])
+    assert len(calls) == 2
+    assert torch.equal(y, y_triton)
+    assert _rel(y, _exact(x, q, s, offs)) <= 2e-3
+    assert _rel(y_static, _exact(x, q, s, offs, act)) <= 2e-3
+    assert gw.available()
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 16])
 @pytest.mark.parametrize("split_k", [1, 0])
 @pytest.mark.parametrize("tokens,n,k", [(1, 1536, 2048), (16, 2048, 768), (5, 576, 7168)])

@@ -253,6 +253,10 @@ def triton_config(m: int, n: int, k: int, a_hp: bool = False) -> GemmConfig:
 # even at 4-16 tokens (32-128 rows), 0.8x at 256 rows and 0.45x at 512.
 GROUPED_GEMV_MAX_ROWS = 128
 
+# fp8fx::grouped_linear beyond the gemv: the warp-specialized Hopper (Gluon) grouped GEMM
+# (grouped_wgmma.py) from this many rows per expert on average, the Triton kernel below it.
+GROUPED_WGMMA_MIN_ROWS = 512
+
 # expert_gemv (fp8fx::expert_linear at decode, rows unsorted): the grouped gemv's tile with TMA
 # weight loads, faster at all six Qwen3-30B-A3B decode shapes measured (bench moe --only
 # experts --sweep, H200, Triton 3.6, fifth session; NOTES.md), and per measured (rows, N, K)

@@ -238,9 +238,10 @@ def _use_deepgemm(x, qweight, act_scale, ue8m0) -> bool:
 
 def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
     """CUDA implementation of fp8fx::grouped_linear: up to dispatch.GROUPED_GEMV_MAX_ROWS rows,
-    the grouped gemv (quantizing in the kernel); beyond, quantize x per token and run the
-    tiled grouped GEMM (DeepGEMM's contiguous grouped GEMM instead when the user opted in
-    and it loads)."""
+    the grouped gemv (quantizing in the kernel); beyond, quantize x per token and run a
+    tiled grouped GEMM: the warp-specialized Hopper kernel with many rows per expert, the
+    Triton kernel otherwise (DeepGEMM's contiguous grouped GEMM instead when the user opted
+    in and it loads)."""
     from fp8fx.kernels import dispatch
 
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
@@ -259,5 +260,23 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         row_scale = act_scale.float()[expert_of_row]
         xq = (x.float() / row_scale[:, None]).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(reference.FP8_DTYPE)
         xs = row_scale[:, None].expand(-1, cdiv(x.shape[1], BLOCK_K))
+    if _use_wgmma(xq, qweight, x.dtype):
+        from fp8fx.kernels import grouped_wgmma
+
+        try:
+            return grouped_wgmma.grouped_gemm_wgmma(xq, xs, qweight, wscale, offs, x.dtype,
+                                                    block_n=grouped_wgmma.block_n_for(qweight.shape[1]))
+        except grouped_wgmma.Unavailable:
+            pass  # warned once; the Triton kernel below serves this and later calls
     bm, warps, stages = config_for(x.shape[0], qweight.shape[0])
     return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm, num_warps=warps, num_stages=stages)
+
+
+def _use_wgmma(xq, qweight, out_dtype) -> bool:
+    """The warp-specialized Hopper kernel (grouped_wgmma.py) for many rows per expert, where
+    it is faster than the Triton kernel (dispatch.GROUPED_WGMMA_MIN_ROWS), when it can run."""
+    from fp8fx.kernels import dispatch, grouped_wgmma
+
+    if xq.shape[0] < dispatch.GROUPED_WGMMA_MIN_ROWS * qweight.shape[0]:
+        return False
+    return grouped_wgmma.supports(xq, qweight, out_dtype)

@@ -30,13 +30,15 @@ never stored; the tail past offs[-1] is zeroed by its own tiles, as in the Trito
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+from triton.compiler.errors import CompilationError
 
 from fp8fx import reference
 from fp8fx.kernels.host import cdiv, next_power_of_2
 
-__all__ = ["available", "grouped_gemm_wgmma", "supports"]
+__all__ = ["Unavailable", "available", "block_n_for", "grouped_gemm_wgmma", "supports"]
 
 BLOCK_M = 128  # two 64-row warpgroups
 BLOCK_K = 128
@@ -47,14 +49,33 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it the Triton kernel serves 
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
     _IMPORT_ERROR = exc
 
 
+class Unavailable(RuntimeError):
+    """This Triton could not compile the kernel; the caller falls back to the Triton kernel."""
+
+
+_DISABLED: str | None = None  # why the kernel is off in this process (its compile failed)
+
+
+def _triton_ok() -> bool:
+    """The kernel is written against Triton 3.6's Gluon (warp_specialize taking a list of
+    (function, args) pairs); 3.5 and older spell the API differently."""
+    import triton
+
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 6)
+
+
 def available(device: torch.device | None = None) -> bool:
-    """Gluon's Hopper API imports and ``device`` (default: the current CUDA device) is SM90."""
-    if _IMPORT_ERROR is not None or not torch.cuda.is_available():
+    """Gluon's Hopper API imports, the Triton is 3.6 or newer, the kernel has not failed to
+    compile in this process, and ``device`` (default: the current CUDA device) is SM90."""
+    if _IMPORT_ERROR is not None or _DISABLED is not None or not torch.cuda.is_available() or not _triton_ok():
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
 
@@ -144,16 +165,18 @@ if _IMPORT_ERROR is None:
                     bar = ready.index(s)
                     mbarrier.expect(bar, nbytes)
                     k = kb * _BK
-                    tma.async_copy_global_to_shared(a_desc, [row0, k], bar, a_bufs.index(2 * s))
-                    tma.async_copy_global_to_shared(a_desc, [row0 + _BM // 2, k], bar, a_bufs.index(2 * s + 1))
-                    tma.async_copy_global_to_shared(b_desc, [b_row0, k], bar, b_bufs.index(s))
+                    _tma_load(a_desc, [row0, k], bar, a_bufs.index(2 * s))
+                    _tma_load(a_desc, [row0 + _BM // 2, k], bar, a_bufs.index(2 * s + 1))
+                    _tma_load(b_desc, [b_row0, k], bar, b_bufs.index(s))
                     it += 1
 
     @gluon.jit
     def _weight_scale(ptr, ok, B_SCALE_E8M0: gl.constexpr):
-        if B_SCALE_E8M0:
-            return (gl.load(ptr, mask=ok, other=127).to(gl.int32) << 23).to(gl.float32, bitcast=True)
-        return gl.load(ptr, mask=ok, other=0.0)
+        if B_SCALE_E8M0:  # 2**(e - 127) from the biased exponent e, as an fp32 bit pattern
+            v = (gl.load(ptr, mask=ok, other=127).to(gl.int32) << 23).to(gl.float32, bitcast=True)
+        else:
+            v = gl.load(ptr, mask=ok, other=0.0)
+        return v
 
     @gluon.jit
     def _store_rows(c_ptr, acc, row0, row_end, col0, N, stride_cm, HM: gl.constexpr):
@@ -267,6 +290,13 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, block_n: int):
     return a_desc, b_desc
 
 
+def block_n_for(n: int) -> int:
+    """128 x 256 tiles (two weight-scale column blocks per warpgroup) when N fills them, else
+    128 x 128. On the H200 at 4 x 8192 x 4096 x 7168: 1004-1015 TFLOP/s against 936-964
+    (scripts/probe_gluon_grouped.py; kernels/NOTES.md)."""
+    return 256 if n % 256 == 0 else 128
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -286,7 +316,7 @@ def grouped_gemm_wgmma(
     block_n: int = 128,
     stages: int = 4,
     group_m: int = 8,
-    math_regs: int = 208,
+    math_regs: int = 232,
     maxnreg: int | None = None,
     programs: int | None = None,
 ) -> torch.Tensor:
@@ -319,11 +349,22 @@ def grouped_gemm_wgmma(
     row_tiles = max_row_tiles(t, e, BLOCK_M)
     grid = (min(row_tiles * cdiv(n, block_n), programs or _sm_count(a.device)),)
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
-    _grouped_wgmma_kernel[grid](
-        a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
-        t, n, k, e, row_tiles,
-        sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
-        B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
-        STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
-    )
+    try:
+        _grouped_wgmma_kernel[grid](
+            a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
+            t, n, k, e, row_tiles,
+            sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
+            B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
+            STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
+        )
+    except CompilationError as exc:  # a Triton whose Gluon differs from the one this was written for
+        global _DISABLED
+        _DISABLED = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+        warnings.warn(
+            f"fp8fx: the Hopper grouped GEMM (grouped_wgmma) did not compile with this Triton ({_DISABLED}); "
+            "grouped GEMMs use the Triton kernel in this process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        raise Unavailable(_DISABLED) from exc
     return out

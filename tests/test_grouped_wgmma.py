@@ -1,0 +1,91 @@
+"""The warp-specialized Hopper grouped GEMM (fp8fx/kernels/grouped_wgmma.py) without a GPU:
+its eligibility checks, its errors, and its compilation for sm_90a through Triton's own
+compiler with a stand-in driver (the kernel's numbers are checked on the GPU, test_moe_gpu)."""
+
+import re
+
+import pytest
+import torch
+
+from fp8fx import reference as R
+from fp8fx.kernels import grouped_wgmma as gw
+
+FP8 = R.FP8_DTYPE
+
+
+def test_block_n_rule_and_cpu_is_not_supported():
+    assert gw.block_n_for(4096) == 256 and gw.block_n_for(576) == 128 and gw.block_n_for(1536) == 256
+    a = torch.zeros(8, 256, dtype=FP8)
+    b = torch.zeros(2, 256, 256, dtype=FP8)
+    assert not gw.supports(a, b, torch.bfloat16)
+    if not torch.cuda.is_available():
+        assert not gw.available()
+
+
+def test_bad_input_is_refused_with_what_is_accepted():
+    a = torch.zeros(8, 256, dtype=FP8)
+    b = torch.zeros(2, 256, 256, dtype=FP8)
+    with pytest.raises(ValueError, match="SM90 CUDA fp8 e4m3"):
+        gw.grouped_gemm_wgmma(a, torch.ones(8, 2), b, torch.ones(2, 2, 2), torch.tensor([4, 8]))
+
+
+class _Sm90Driver:
+    """Enough of a Triton driver for the compiler to target sm_90 on a machine without a GPU."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@pytest.fixture
+def sm90_compiler():
+    if gw._IMPORT_ERROR is not None or not gw._triton_ok():
+        pytest.skip(f"no Gluon Hopper API in this Triton: {gw._IMPORT_ERROR}")
+    import triton
+
+    config = triton.runtime.driver
+    saved = config._active
+    config.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        config._active = saved
+        gw._grouped_wgmma_kernel.device_caches.clear()  # nothing compiled here is launched later
+
+
+@pytest.mark.parametrize("block_n,e8m0", [(128, False), (256, True)])
+def test_kernel_compiles_for_sm90(sm90_compiler, block_n, e8m0):
+    """Compiles to PTX and a cubin (ptxas) for sm_90a: three partitions in 12 warps, fp8 wgmma
+    of 64 x 128 x 32 (two per K step at 256 columns), registers moved by setmaxnreg."""
+    t, k, e, n = 1024, 7168, 4, 4096
+    a = torch.empty(t, k, dtype=FP8)
+    b = torch.empty(e, n, k, dtype=FP8)
+    sb = torch.empty(e, n // 128, k // 128, dtype=torch.uint8 if e8m0 else torch.float32)
+    a_desc, b_desc = gw._descriptors(a, b, block_n)
+    compiled = gw._grouped_wgmma_kernel.warmup(
+        a_desc, b_desc, torch.empty(t, k // 128), sb, torch.empty(t, n, dtype=torch.bfloat16),
+        torch.empty(e, dtype=torch.int32), t, n, k, e, 9,
+        k // 128, 1, sb.stride(0), sb.stride(1), sb.stride(2), n,
+        B_SCALE_E8M0=e8m0, E_POW2=8, BLOCK_N=block_n, GROUP_M=8, STAGES=3, MATH_REGS=232, num_warps=4,
+        grid=(1,),
+    )
+    ptx = compiled.asm["ptx"]
+    assert ".reqntid 384" in ptx
+    mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3", ptx)
+    assert len(mmas) == 2 * 4 * (block_n // 128)  # two warpgroups x four k32 steps per column block
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232", ptx)
+    assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads
+    assert compiled.asm["cubin"]
