@@ -255,7 +255,7 @@ GROUPED_GEMV_MAX_ROWS = 128
 
 # fp8fx::grouped_linear beyond the gemv: the warp-specialized Hopper (Gluon) grouped GEMM
 # (grouped_wgmma.py) from this many rows per expert on average, the Triton kernel below it.
-GROUPED_WGMMA_MIN_ROWS = 512
+GROUPED_WGMMA_MIN_ROWS = 128
 
 # expert_gemv (fp8fx::expert_linear at decode, rows unsorted): the grouped gemv's tile with TMA
 # weight loads, faster at all six Qwen3-30B-A3B decode shapes measured (bench moe --only

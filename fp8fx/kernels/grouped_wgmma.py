@@ -319,6 +319,7 @@ def grouped_gemm_wgmma(
     math_regs: int = 232,
     maxnreg: int | None = None,
     programs: int | None = None,
+    sa_by_column: bool = True,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
     The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
@@ -343,6 +344,10 @@ def grouped_gemm_wgmma(
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t == 0 or n == 0:
         return out
+    if sa_by_column and sa.stride(0) not in (0, 1):
+        # A warpgroup reads 64 rows' scales of one K block per step: column-major, that is one
+        # 256-byte run instead of 64 scattered 32-byte sectors.
+        sa = sa.t().contiguous().t()
     from fp8fx.kernels.grouped_gemm import max_row_tiles
 
     a_desc, b_desc = _descriptors(a, b, block_n)
