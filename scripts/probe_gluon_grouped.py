@@ -2,7 +2,8 @@
 grouped GEMM, on the GPU: correctness on edge shapes, then TFLOP/s on issue 5's shape.
 
     python scripts/probe_gluon_grouped.py                # every variant, each in its own process
-    python scripts/probe_gluon_grouped.py --one 4,8,232,0,128,1  # stages, group_m, math_regs, maxnreg (0: none), block_n, sa by column
+    python scripts/probe_gluon_grouped.py --one 3,8,232,0,256,1,0  # stages, group_m, math_regs, maxnreg (0: none), block_n,
+                                                          # sa by column, TMA-store epilogue
 
 Each variant runs in a subprocess with a time limit, so a variant whose register split
 deadlocks (setmaxnreg waits forever) is reported instead of hanging the run.
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-VARIANTS = ["3,8,232,0,256,0", "3,8,232,0,256,1", "4,8,232,0,256,1", "3,16,232,0,256,1", "3,4,232,0,256,1", "4,16,232,0,256,0"]
+VARIANTS = ["3,8,232,0,256,1,0", "3,8,232,0,256,1,1", "4,8,232,0,128,1,0", "4,8,232,0,128,1,1"]
 
 
 def _inputs(counts, n, k, fmt, seed):
@@ -41,9 +42,9 @@ def one(spec: str) -> None:
     from fp8fx.kernels.grouped_gemm import grouped_gemm
     from fp8fx.kernels.grouped_wgmma import grouped_gemm_wgmma
 
-    stages, group_m, regs, maxnreg, block_n, by_col = (int(v) for v in spec.split(","))
+    stages, group_m, regs, maxnreg, block_n, by_col, tma_store = (int(v) for v in spec.split(","))
     kw = dict(stages=stages, group_m=group_m, math_regs=regs, maxnreg=maxnreg or None, block_n=block_n,
-              sa_by_column=bool(by_col))
+              sa_by_column=bool(by_col), tma_store=bool(tma_store))
     worst = 0.0
     cases = [
         ([700, 0, 1, 3000, 0, 95], 4096, 7168, "float32"),
