@@ -265,7 +265,7 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
 
         try:
             return grouped_wgmma.grouped_gemm_wgmma(xq, xs, qweight, wscale, offs, x.dtype,
-                                                    block_n=grouped_wgmma.block_n_for(qweight.shape[1], x.dtype))
+                                                    block_n=grouped_wgmma.block_n_for(qweight.shape[1]))
         except grouped_wgmma.Unavailable:
             pass  # warned once; the Triton kernel below serves this and later calls
     bm, warps, stages = config_for(x.shape[0], qweight.shape[0])

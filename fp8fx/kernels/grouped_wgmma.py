@@ -38,7 +38,7 @@ from triton.compiler.errors import CompilationError
 from fp8fx import reference
 from fp8fx.kernels.host import cdiv, next_power_of_2
 
-__all__ = ["Unavailable", "available", "block_n_for", "grouped_gemm_wgmma", "stages_for", "supports"]
+__all__ = ["Unavailable", "available", "block_n_for", "grouped_gemm_wgmma", "supports"]
 
 BLOCK_M = 128  # two 64-row warpgroups
 BLOCK_K = 128
@@ -46,18 +46,11 @@ BLOCK_K = 128
 try:  # Gluon's Hopper API (Triton >= 3.5); without it the Triton kernel serves every call
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # noqa: BLE001 - any failure means "not available", with the reason kept
     _IMPORT_ERROR = exc
@@ -89,15 +82,13 @@ def available(device: torch.device | None = None) -> bool:
 
 def supports(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether (a[T, K], b[E, N, K]) can take this kernel: CUDA SM90, fp8 e4m3, K contiguous,
-    16-byte aligned bases and row strides of a, b and the output (TMA), b's experts back to
-    back, and an output dtype the epilogue writes."""
+    16-byte aligned bases and row strides (TMA), b's experts back to back, and an output
+    dtype the epilogue writes."""
     if a.dim() != 2 or b.dim() != 3 or not a.is_cuda or not available(a.device):
         return False
     if a.dtype != reference.FP8_DTYPE or b.dtype != reference.FP8_DTYPE:
         return False
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    if b.shape[1] * out_dtype.itemsize % 16:  # the output's rows, TMA-stored
         return False
     if a.stride(1) != 1 or b.stride(2) != 1 or b.stride(0) != b.shape[1] * b.stride(1):
         return False
@@ -157,7 +148,7 @@ if _IMPORT_ERROR is None:
     def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
                         E_POW2: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                         STAGES: gl.constexpr):
-        """For each of this CTA's tiles, streams K block kb of a's two 64-row halves
+        """One warp: for each of this CTA's tiles, streams K block kb of a's two 64-row halves
         and of the weight tile into the next ring stage once both math warpgroups released it.
         Runs ahead across tiles, so the next tile's loads overlap this tile's epilogue."""
         nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
@@ -188,32 +179,20 @@ if _IMPORT_ERROR is None:
         return v
 
     @gluon.jit
-    def _store_rows(c_desc, c_ptr, buf, acc, row0, row_end, col0, N, stride_cm, HM: gl.constexpr,
-                    TMA_STORE: gl.constexpr):
-        """acc [HM, 128] fp32 -> c rows row0 + [0, HM) below row_end, columns col0 + [0, 128)
-        below N, through the shared buffer ``buf``. A block whose rows all belong to the tile
-        goes out as one asynchronous TMA store (the warpgroup moves on to its next tile; TMA
-        clips columns past N and rows past T); a partial one is read back and stored with
-        masks (its rows past row_end are the next tile's)."""
-        tma.store_wait(0)  # this buffer's previous store has left
-        buf.store(acc.to(c_ptr.dtype.element_ty))
-        if TMA_STORE and row0 + HM <= row_end:
-            fence_async_shared()
-            _tma_store(c_desc, [row0, col0], buf)
-        else:
-            out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-            out = buf.load(out_l)
-            rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
-            cols = col0 + gl.arange(0, 128, layout=gl.SliceLayout(0, out_l))
-            ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
+    def _store_rows(c_ptr, acc, row0, row_end, col0, N, stride_cm, HM: gl.constexpr):
+        """acc [HM, 128] fp32 -> c rows row0 + [0, HM) below row_end, columns col0 + [0, 128) below N."""
+        out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
+        rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
+        cols = col0 + gl.arange(0, 128, layout=gl.SliceLayout(0, out_l))
+        ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
 
     @gluon.jit
-    def _math_partition(a_bufs, b_bufs, c_bufs, ready, empty, c_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
-                        T, N, K, E, row_tiles, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+    def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                         HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr,
-                        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        TMA_STORE: gl.constexpr):
+                        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         """One warpgroup: rows 64 * HALF + [0, 64) of each of this CTA's tiles, all BLOCK_N columns,
         as BLOCK_N // 128 column blocks of one weight scale each (an fp32 accumulator of 64
         registers per block, and one 64-register MMA result live at a time)."""
@@ -260,27 +239,30 @@ if _IMPORT_ERROR is None:
                             acc1 += part * gl.expand_dims(sa * sb1, 1)
                         it += 1
                 # g == E (rows no expert owns): the zeros are stored
-                _store_rows(c_desc, c_ptr, c_bufs.index(HALF * NSUB), acc0, row0 + HALF * HM, row_end, n0, N,
-                            stride_cm, HM, TMA_STORE)
+                _store_rows(c_ptr, acc0, row0 + HALF * HM, row_end, n0, N, stride_cm, HM)
                 if NSUB == 2:
-                    _store_rows(c_desc, c_ptr, c_bufs.index(HALF * NSUB + 1), acc1, row0 + HALF * HM, row_end,
-                                n0 + 128, N, stride_cm, HM, TMA_STORE)
-        tma.store_wait(0)
+                    _store_rows(c_ptr, acc1, row0 + HALF * HM, row_end, n0 + 128, N, stride_cm, HM)
+
+    @gluon.jit
+    def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                    stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                    B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+                    GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                        1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)
 
     @gluon.jit
     def _grouped_wgmma_kernel(
-        a_desc, b_desc, c_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
+        a_desc, b_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
         T, N, K, E, row_tiles,
         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
         B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
-        GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, TMA_STORE: gl.constexpr,
-        num_warps: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         # Persistent: program p takes tiles p, p + P, ... (P programs, at most one per SM).
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        # one staging block per warpgroup and 128-column block for the epilogue
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * (BLOCK_N // 128)] + c_desc.block_type.shape, c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -288,47 +270,31 @@ if _IMPORT_ERROR is None:
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
 
         gl.warp_specialize([
-            (_math_partition, (a_bufs, b_bufs, c_bufs, ready, empty, c_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
-                               T, N, K, E, row_tiles, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-                               stride_cm, 0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, TMA_STORE)),
-            (_math_partition, (a_bufs, b_bufs, c_bufs, ready, empty, c_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
-                               T, N, K, E, row_tiles, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-                               stride_cm, 1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, TMA_STORE)),
+            (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                               stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                               0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
+            (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                           stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                           B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
             (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
                                E_POW2, BLOCK_N, GROUP_M, STAGES)),
         ], [4, 1], [MATH_REGS, 40])
 
 
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, block_n: int):
+def _descriptors(a: torch.Tensor, b: torch.Tensor, block_n: int):
     e, n, k = b.shape
     a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([block_n, BLOCK_K], gl.float8e4nv)
-    c_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 128], getattr(gl, _GL_DTYPES[out.dtype]))
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [BLOCK_M // 2, BLOCK_K], a_layout)
     b_desc = TensorDescriptor(b, [e * n, k], [b.stride(1), 1], [block_n, BLOCK_K], b_layout)
-    c_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [BLOCK_M // 2, 128], c_layout)
-    return a_desc, b_desc, c_desc
+    return a_desc, b_desc
 
 
-def block_n_for(n: int, out_dtype: torch.dtype = torch.bfloat16) -> int:
-    """128 x 256 tiles (two weight-scale column blocks per warpgroup) when N fills them and the
-    output is 16-bit, else 128 x 128. On the H200 at 4 x 8192 x 4096 x 7168: 1004-1015 TFLOP/s
-    against 936-964 (scripts/probe_gluon_grouped.py; kernels/NOTES.md)."""
-    return 256 if n % 256 == 0 and out_dtype.itemsize == 2 else 128
-
-
-SMEM_BYTES = 227 * 1024  # SM90's shared memory per CTA
-
-
-def stages_for(block_n: int, out_dtype: torch.dtype) -> int:
-    """The deepest operand ring (at most 4 stages) that fits beside the epilogue's staging
-    blocks: a stage holds a's 128 x 128 and the weight's block_n x 128 fp8 tiles."""
-    staging = 2 * (block_n // 128) * (BLOCK_M // 2) * 128 * out_dtype.itemsize
-    stage = (BLOCK_M + block_n) * BLOCK_K
-    return min(4, (SMEM_BYTES - staging - 1024) // stage)
+def block_n_for(n: int) -> int:
+    """128 x 256 tiles (two weight-scale column blocks per warpgroup) when N fills them, else
+    128 x 128. On the H200 at 4 x 8192 x 4096 x 7168: 1004-1015 TFLOP/s against 936-964
+    (scripts/probe_gluon_grouped.py; kernels/NOTES.md)."""
+    return 256 if n % 256 == 0 else 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,7 +320,6 @@ def grouped_gemm_wgmma(
     maxnreg: int | None = None,
     programs: int | None = None,
     sa_by_column: bool = True,
-    tma_store: bool = True,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
     The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
@@ -368,12 +333,9 @@ def grouped_gemm_wgmma(
         )
     if block_n not in (128, 256):
         raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must be 128 or 256, got {block_n}")
-    stages = stages or stages_for(block_n, out_dtype)
-    if stages < 2 or stages > stages_for(block_n, out_dtype):
-        raise ValueError(
-            f"fp8fx grouped_gemm_wgmma: {stages} stages of block_n {block_n} with a {out_dtype} output do not fit "
-            f"shared memory (2 to {stages_for(block_n, out_dtype)} do)"
-        )
+    stages = stages or (3 if block_n == 256 else 4)  # at 256 columns 3 ran as fast as 4 (H200)
+    if not 2 <= stages <= (4 if block_n == 256 else 5):
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: {stages} stages of 128 x {block_n} tiles do not fit shared memory")
     if tuple(sa.shape) != (t, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
         raise ValueError(
             f"fp8fx grouped_gemm_wgmma: activation scales must be fp32 ({t}, {cdiv(k, BLOCK_K)}), got {sa.dtype} {tuple(sa.shape)}"
@@ -391,17 +353,17 @@ def grouped_gemm_wgmma(
         sa = sa.t().contiguous().t()
     from fp8fx.kernels.grouped_gemm import max_row_tiles
 
-    a_desc, b_desc, c_desc = _descriptors(a, b, out, block_n)
+    a_desc, b_desc = _descriptors(a, b, block_n)
     row_tiles = max_row_tiles(t, e, BLOCK_M)
     grid = (min(row_tiles * cdiv(n, block_n), programs or _sm_count(a.device)),)
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
     try:
         _grouped_wgmma_kernel[grid](
-            a_desc, b_desc, c_desc, sa, sb_t, out, offs.to(torch.int32),
+            a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
             t, n, k, e, row_tiles,
             sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
             B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
-            STAGES=stages, MATH_REGS=math_regs, TMA_STORE=tma_store, num_warps=4, **launch,
+            STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
         )
     except CompilationError as exc:  # a Triton whose Gluon differs from the one this was written for
         global _DISABLED
