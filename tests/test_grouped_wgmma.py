@@ -15,6 +15,9 @@ FP8 = R.FP8_DTYPE
 
 def test_block_n_rule_and_cpu_is_not_supported():
     assert gw.block_n_for(4096) == 256 and gw.block_n_for(576) == 128 and gw.block_n_for(1536) == 256
+    assert gw.balanced_programs(4 * 8192, 4096, 256, 132) == 128  # 32 rounds of 128 tiles, not 31.03 of 132
+    assert gw.balanced_programs(1024, 4096, 256, 132) == 128  # one round
+    assert gw.balanced_programs(5, 512, 128, 132) == 4 and gw.balanced_programs(0, 512, 128, 132) == 1
     a = torch.zeros(8, 256, dtype=FP8)
     b = torch.zeros(2, 256, 256, dtype=FP8)
     assert not gw.supports(a, b, torch.bfloat16)
