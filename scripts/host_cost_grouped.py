@@ -2,7 +2,7 @@
 (2048 tokens x top-8 over 128 experts: 128 rows per expert), issued while the GPU is busy:
 the Hopper (Gluon) kernel and the Triton kernel, alone and through fp8fx::grouped_linear.
 
-    python scripts/host_cost_grouped.py
+    python scripts/host_cost_grouped.py [--profile]
 """
 import sys
 
@@ -33,3 +33,21 @@ for label, fn in cases:
     print(f"{label}: {_host_us(fn):.1f} us")
 dispatch.GROUPED_WGMMA_MIN_ROWS = 1 << 30
 print(f"grouped_linear (Triton): {_host_us(lambda: torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])):.1f} us")
+
+if "--profile" in sys.argv:  # where the Hopper launch's host time goes
+    import cProfile
+    import pstats
+
+    dispatch.GROUPED_WGMMA_MIN_ROWS = 128
+    xq_c, xs_c = act_quant(x, col_major=True)
+    fn = lambda: grouped_wgmma.grouped_gemm_wgmma(xq_c, xs_c, q, s, offs, torch.bfloat16, 256)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)

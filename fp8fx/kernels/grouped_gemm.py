@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fp8fx import reference
+from fp8fx.kernels import grouped_wgmma
 from fp8fx.kernels.act_quant import act_quant, interpreting
 from fp8fx.kernels.host import cdiv, next_power_of_2
 
@@ -251,8 +252,10 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         from fp8fx.kernels.gemv import grouped_gemv  # few rows per expert: stream each expert's weights once
 
         return grouped_gemv(x, qweight, wscale, offs, x.dtype, act_ue8m0=ue8m0)
+    hopper = _use_wgmma(x, qweight)
     if act_scale is None:
-        xq, xs = act_quant(x, ue8m0=ue8m0, group_size=block_size[1])
+        # the Hopper kernel reads 64 rows' scales of a K block at a time: column-major scales
+        xq, xs = act_quant(x, ue8m0=ue8m0, group_size=block_size[1], col_major=hopper)
     else:
         # Static per-expert scales: each row is quantized with its expert's scale.
         rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
@@ -260,9 +263,7 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         row_scale = act_scale.float()[expert_of_row]
         xq = (x.float() / row_scale[:, None]).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(reference.FP8_DTYPE)
         xs = row_scale[:, None].expand(-1, cdiv(x.shape[1], BLOCK_K))
-    if _use_wgmma(xq, qweight, x.dtype):
-        from fp8fx.kernels import grouped_wgmma
-
+    if hopper and grouped_wgmma.supports(xq, qweight, x.dtype):
         try:
             return grouped_wgmma.grouped_gemm_wgmma(xq, xs, qweight, wscale, offs, x.dtype,
                                                     block_n=grouped_wgmma.block_n_for(qweight.shape[1]))
@@ -272,11 +273,10 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
     return grouped_gemm(xq, xs, qweight, wscale, offs, x.dtype, block_m=bm, num_warps=warps, num_stages=stages)
 
 
-def _use_wgmma(xq, qweight, out_dtype) -> bool:
+def _use_wgmma(x, qweight) -> bool:
     """The warp-specialized Hopper kernel (grouped_wgmma.py) for many rows per expert, where
-    it is faster than the Triton kernel (dispatch.GROUPED_WGMMA_MIN_ROWS), when it can run."""
-    from fp8fx.kernels import dispatch, grouped_wgmma
+    it is faster than the Triton kernel (dispatch.GROUPED_WGMMA_MIN_ROWS), on an SM90 GPU
+    with a Triton that compiles it (the operands are checked after quantization)."""
+    from fp8fx.kernels import dispatch
 
-    if xq.shape[0] < dispatch.GROUPED_WGMMA_MIN_ROWS * qweight.shape[0]:
-        return False
-    return grouped_wgmma.supports(xq, qweight, out_dtype)
+    return x.shape[0] >= dispatch.GROUPED_WGMMA_MIN_ROWS * qweight.shape[0] and grouped_wgmma.available(x.device)

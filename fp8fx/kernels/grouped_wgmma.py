@@ -63,6 +63,7 @@ class Unavailable(RuntimeError):
 _DISABLED: str | None = None  # why the kernel is off in this process (its compile failed)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_ok() -> bool:
     """The kernel is written against Triton 3.6's Gluon (warp_specialize taking a list of
     (function, args) pairs); 3.5 and older spell the API differently."""
@@ -77,7 +78,13 @@ def available(device: torch.device | None = None) -> bool:
     compile in this process, and ``device`` (default: the current CUDA device) is SM90."""
     if _IMPORT_ERROR is not None or _DISABLED is not None or not torch.cuda.is_available() or not _triton_ok():
         return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _is_sm90(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
 
 
 def supports(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
