@@ -32,6 +32,19 @@ def test_bad_input_is_refused_with_what_is_accepted():
         gw.grouped_gemm_wgmma(a, torch.ones(8, 2), b, torch.ones(2, 2, 2), torch.tensor([4, 8]))
 
 
+def test_compile_failure_reason_is_the_innermost_cause():
+    from triton.compiler.errors import CompilationError
+
+    try:
+        try:
+            raise TypeError("Inconsistent return types: fp32 and uint8")
+        except TypeError as inner:
+            raise CompilationError("def f():\n    return x", None, None) from inner
+    except CompilationError as exc:
+        assert gw._reason(exc) == "TypeError: Inconsistent return types: fp32 and uint8"
+    assert gw._reason(CompilationError("src", None, "simulated")) == "CompilationError: simulated"
+
+
 class _Sm90Driver:
     """Enough of a Triton driver for the compiler to target sm_90 on a machine without a GPU."""
 

@@ -237,6 +237,39 @@ def test_qwen3_moe_block_fp8_matches_eager_fp8():
     assert _rel(grouped, ref) < 0.08
 
 
+def test_hopper_compile_failure_falls_back_once_with_a_warning(monkeypatch):
+    """A Triton that cannot compile the Hopper kernel: the first grouped_linear warns once and
+    returns the Triton kernel's result; later calls go straight to the Triton kernel."""
+    gw = _hopper()
+    from triton.compiler.errors import CompilationError
+
+    from fp8fx.kernels import dispatch
+
+    launches = []
+
+    class _Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                raise CompilationError("grouped_wgmma.py", None, "simulated: no such Gluon builtin")
+            return launch
+
+    monkeypatch.setattr(dispatch, "GROUPED_GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(gw, "_DISABLED", None)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q, s = R.quantize_weight(torch.randn(2, 256, 512, device="cuda", generator=g) * 0.02)
+    x = torch.randn(512, 512, device="cuda", generator=g).to(torch.bfloat16)
+    offs = torch.tensor([300, 512], device="cuda", dtype=torch.int32)
+    y_hopper = torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])
+    monkeypatch.setattr(gw, "_grouped_wgmma_kernel", _Broken())
+    with pytest.warns(RuntimeWarning, match="did not compile with this Triton.*simulated"):
+        y = torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])
+    assert torch.equal(y, y_hopper) and len(launches) == 1
+    assert not gw.available() and "simulated" in gw._DISABLED
+    assert torch.equal(torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128]), y_hopper)
+    assert len(launches) == 1  # not tried again
+
+
 def test_qwen3_moe_block_prefill_takes_hopper_gemm_compiled(monkeypatch):
     """A Qwen3-30B-A3B MoE block at 4096 tokens (256 rows per expert): the experts' GEMMs take
     the Hopper kernel, eager and compiled, and give the Triton kernel's result bit for bit."""

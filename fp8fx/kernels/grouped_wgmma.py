@@ -9,16 +9,24 @@ the previous block's promotion (``acc += dot * scale``), and Triton 3.6 neither 
 two nor splits the tile across independent warpgroups (kernels/NOTES.md, eighth session).
 This kernel writes the schedule out in Gluon, Triton's explicit-layout dialect:
 
-- one CTA per 128 x BLOCK_N output tile, in the Triton kernel's GROUP_M tile order, each
-  tile's (expert, first row) derived on the device from offs (no host synchronisation);
+- a persistent grid (``balanced_programs``): program p takes output tiles p, p + P, ... of
+  128 x BLOCK_N (BLOCK_N 256 where N allows, ``block_n_for``) in the Triton kernel's GROUP_M
+  order, each tile's (expert, first row) derived on the device from offs (no host
+  synchronisation);
 - a loader partition (one warp) streams a's two 64-row halves and the expert's weight tile
-  through a STAGES-deep shared-memory ring with TMA, signalling ``ready`` mbarriers;
-- two math partitions (one warpgroup each, 64 rows of the tile each) run, per K block, a
-  fresh asynchronous wgmma, wait for it, release the stage (``empty``) and promote into
-  their fp32 accumulator with sa * sb. The two warpgroups are not synchronised with each
-  other, so one's promotion runs while the other's MMA occupies the tensor cores;
+  through a STAGES-deep shared-memory ring with TMA, signalling ``ready`` mbarriers; it runs
+  ahead across tiles, so the next tile's loads overlap this tile's epilogue;
+- two math partitions (one warpgroup each, 64 rows of the tile each) run, per K block and
+  128-column block, a fresh asynchronous wgmma, wait for it, and promote into their fp32
+  accumulator with sa * sb (one 64-register MMA result live at a time); the stage is
+  released (``empty``) after the last block. The two warpgroups are not synchronised with
+  each other, so one's promotion runs while the other's MMA occupies the tensor cores;
 - the epilogue stores bf16/fp16/fp32 rows with masks (a tile's rows past its expert's end
   belong to the next tile).
+
+The accumulation order is the Triton kernel's (fp8 MMAs of 128 K values, promoted in fp32
+per K block), so the two give the same bits. Measurements and the variants tried:
+kernels/NOTES.md, fourteenth session.
 
 Rows of a tile past its expert's end are read (TMA zero-fills past T) and computed but
 never stored; the tail past offs[-1] is zeroed by its own tiles, as in the Triton kernel.
@@ -43,7 +51,7 @@ __all__ = ["Unavailable", "available", "balanced_programs", "block_n_for", "grou
 BLOCK_M = 128  # two 64-row warpgroups
 BLOCK_K = 128
 
-try:  # Gluon's Hopper API (Triton >= 3.5); without it the Triton kernel serves every call
+try:  # Gluon's Hopper API; without it the Triton kernel serves every call
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -320,6 +328,15 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a Triton compile error, in one line (the outer errors carry the
+    caller's source excerpt)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = (getattr(exc, "error_message", None) or str(exc) or repr(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def balanced_programs(rows: int, n: int, block_n: int, sms: int) -> int:
     """Persistent programs for about cdiv(rows, 128) x cdiv(n, block_n) tiles (the tiles with
     experts aligned to 128 rows; each unaligned expert adds at most one row of tiles): as
@@ -392,7 +409,7 @@ def grouped_gemm_wgmma(
         )
     except CompilationError as exc:  # a Triton whose Gluon differs from the one this was written for
         global _DISABLED
-        _DISABLED = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+        _DISABLED = _reason(exc)
         warnings.warn(
             f"fp8fx: the Hopper grouped GEMM (grouped_wgmma) did not compile with this Triton ({_DISABLED}); "
             "grouped GEMMs use the Triton kernel in this process",
