@@ -213,7 +213,8 @@ def test_tail_rows_zero_and_static_scales():
     assert _rel(y, _exact(x[:33], q, s, offs, act)) <= 2e-3
 
 
-def test_qwen3_moe_block_fp8_matches_eager_fp8():
+def _qwen3_moe_block(quantize: bool = True):
+    """A Qwen3-30B-A3B MoE block (128 experts, top-8) on the GPU with N(0, 0.02) weights."""
     import fp8fx
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -223,6 +224,15 @@ def test_qwen3_moe_block_fp8_matches_eager_fp8():
     block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
     for p in block.parameters():
         p.data.normal_(0, 0.02)
+    if quantize:
+        fp8fx.quantize_(block)
+    return block
+
+
+def test_qwen3_moe_block_fp8_matches_eager_fp8():
+    import fp8fx
+
+    block = _qwen3_moe_block(quantize=False)
     x = torch.randn(1, 300, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         ref = block(x).float()
@@ -275,20 +285,12 @@ def test_qwen3_moe_block_prefill_takes_hopper_gemm_compiled(monkeypatch):
     the Hopper kernel, eager and compiled, and give the Triton kernel's result bit for bit."""
     gw = _hopper()
     import fp8fx
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
     from fp8fx.kernels import dispatch
 
     calls = []
     real = gw.grouped_gemm_wgmma
     monkeypatch.setattr(gw, "grouped_gemm_wgmma", lambda *a, **kw: calls.append(a[2].shape) or real(*a, **kw))
-    config = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)
-    torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
-    for p in block.parameters():
-        p.data.normal_(0, 0.02)
-    fp8fx.quantize_(block)
+    block = _qwen3_moe_block()
     x = torch.randn(1, 4096, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         eager = block(x)
@@ -332,15 +334,8 @@ def test_qwen3_moe_block_compiled_topk_same_as_torch_topk(tokens):
     quantized block is bit-equal with and without the rewrite."""
     import fp8fx
     from torch._dynamo.utils import counters
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    config = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)
-    torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
-    for p in block.parameters():
-        p.data.normal_(0, 0.02)
-    fp8fx.quantize_(block)
+    block = _qwen3_moe_block()
     x = torch.randn(1, tokens, 2048, device="cuda", dtype=torch.bfloat16)
     outs = []
     with torch.inference_mode():
