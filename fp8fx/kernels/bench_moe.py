@@ -53,8 +53,8 @@ GROUPED_SWEEP = [(128, 128, 8, 3, 8), (128, 128, 8, 5, 8), (128, 128, 8, 4, 4), 
 
 def _grouped_row(groups: int, rows: int, n: int, k: int, rep: int, sweep: bool = False) -> dict:
     from fp8fx import reference
-    from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels import grouped_wgmma
+    from fp8fx.kernels.act_quant import act_quant
     from fp8fx.kernels.grouped_gemm import config_for, grouped_gemm
 
     t = groups * rows

@@ -384,6 +384,11 @@ def grouped_gemm_wgmma(
         )
     if tuple(offs.shape) != (e,):
         raise ValueError(f"fp8fx grouped_gemm_wgmma: offs must have shape ({e},), got {tuple(offs.shape)}")
+    if tuple(sb.shape) != (e, cdiv(n, 128), cdiv(k, BLOCK_K)):
+        raise ValueError(
+            f"fp8fx grouped_gemm_wgmma: weight scales must be one per 128 x 128 block, ({e}, {cdiv(n, 128)}, "
+            f"{cdiv(k, BLOCK_K)}), got {tuple(sb.shape)}"
+        )
     e8m0 = sb.dtype == reference.E8M0_DTYPE
     sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
