@@ -28,8 +28,23 @@ def test_block_n_rule_and_cpu_is_not_supported():
 def test_bad_input_is_refused_with_what_is_accepted():
     a = torch.zeros(8, 256, dtype=FP8)
     b = torch.zeros(2, 256, 256, dtype=FP8)
-    with pytest.raises(ValueError, match="SM90 CUDA fp8 e4m3"):
-        gw.grouped_gemm_wgmma(a, torch.ones(8, 2), b, torch.ones(2, 2, 2), torch.tensor([4, 8]))
+    sa, sb, offs = torch.ones(8, 2), torch.ones(2, 2, 2), torch.tensor([4, 8])
+    with pytest.raises(ValueError, match=r"expected a\[T, K\] and b\[E, N, K\]"):
+        gw.grouped_gemm_wgmma(a[0], sa, b, sb, offs)
+    with pytest.raises(ValueError, match="a and b must share K, got 256 and 128"):
+        gw.grouped_gemm_wgmma(a, sa, b[:, :, :128], sb, offs)
+    with pytest.raises(ValueError, match="block_n must be 128 or 256, got 64"):
+        gw.grouped_gemm_wgmma(a, sa, b, sb, offs, block_n=64)
+    with pytest.raises(ValueError, match="5 stages of 128 x 256 tiles do not fit"):
+        gw.grouped_gemm_wgmma(a, sa, b, sb, offs, block_n=256, stages=5)
+    with pytest.raises(ValueError, match=r"activation scales must be fp32 \(8, 2\)"):
+        gw.grouped_gemm_wgmma(a, sa[:, :1], b, sb, offs)
+    with pytest.raises(ValueError, match=r"offs must have shape \(2,\)"):
+        gw.grouped_gemm_wgmma(a, sa, b, sb, offs[:1])
+    with pytest.raises(ValueError, match=r"one per 128 x 128 block, \(2, 2, 2\), got \(2, 4, 2\)"):
+        gw.grouped_gemm_wgmma(a, sa, b, torch.ones(2, 4, 2), offs)
+    with pytest.raises(ValueError, match="SM90 CUDA fp8 e4m3"):  # all shapes right: the device is refused
+        gw.grouped_gemm_wgmma(a, sa, b, sb, offs)
 
 
 def test_compile_failure_reason_is_the_innermost_cause():

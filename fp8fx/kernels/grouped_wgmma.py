@@ -365,14 +365,12 @@ def grouped_gemm_wgmma(
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
     The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
+    if a.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: expected a[T, K] and b[E, N, K], got {tuple(a.shape)}, {tuple(b.shape)}")
     t, k = a.shape
     e, n, _ = b.shape
-    if not supports(a, b, out_dtype):
-        raise ValueError(
-            "fp8fx grouped_gemm_wgmma: needs SM90 CUDA fp8 e4m3 a[T, K] and b[E, N, K] with K contiguous, "
-            f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
-            f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
-        )
+    if b.shape[2] != k:
+        raise ValueError(f"fp8fx grouped_gemm_wgmma: a and b must share K, got {k} and {b.shape[2]}")
     if block_n not in (128, 256):
         raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must be 128 or 256, got {block_n}")
     stages = stages or (3 if block_n == 256 else 4)  # at 256 columns 3 ran as fast as 4 (H200)
@@ -388,6 +386,12 @@ def grouped_gemm_wgmma(
         raise ValueError(
             f"fp8fx grouped_gemm_wgmma: weight scales must be one per 128 x 128 block, ({e}, {cdiv(n, 128)}, "
             f"{cdiv(k, BLOCK_K)}), got {tuple(sb.shape)}"
+        )
+    if not supports(a, b, out_dtype):
+        raise ValueError(
+            "fp8fx grouped_gemm_wgmma: needs SM90 CUDA fp8 e4m3 a[T, K] and b[E, N, K] with K contiguous, "
+            f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
+            f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
         )
     e8m0 = sb.dtype == reference.E8M0_DTYPE
     sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
