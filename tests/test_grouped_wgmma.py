@@ -97,10 +97,11 @@ def sm90_compiler():
         gw._grouped_wgmma_kernel.device_caches.clear()  # nothing compiled here is launched later
 
 
-@pytest.mark.parametrize("block_n,e8m0", [(128, False), (256, True)])
-def test_kernel_compiles_for_sm90(sm90_compiler, block_n, e8m0):
-    """Compiles to PTX and a cubin (ptxas) for sm_90a: three partitions in 12 warps, fp8 wgmma
-    of 64 x 128 x 32 (two per K step at 256 columns), registers moved by setmaxnreg."""
+@pytest.mark.parametrize("block_n,e8m0,masked", [(128, False, False), (256, True, False), (128, True, True)])
+def test_kernel_compiles_for_sm90(sm90_compiler, block_n, e8m0, masked):
+    """Compiles to PTX and a cubin (ptxas) for sm_90a, contiguous and masked: three partitions
+    in 12 warps, fp8 wgmma of 64 x 128 x 32 (two per K step at 256 columns), registers moved
+    by setmaxnreg."""
     t, k, e, n = 1024, 7168, 4, 4096
     a = torch.empty(t, k, dtype=FP8)
     b = torch.empty(e, n, k, dtype=FP8)
@@ -110,7 +111,7 @@ def test_kernel_compiles_for_sm90(sm90_compiler, block_n, e8m0):
         a_desc, b_desc, torch.empty(t, k // 128), sb, torch.empty(t, n, dtype=torch.bfloat16),
         torch.empty(e, dtype=torch.int32), t, n, k, e, 9,
         k // 128, 1, sb.stride(0), sb.stride(1), sb.stride(2), n,
-        B_SCALE_E8M0=e8m0, E_POW2=8, BLOCK_N=block_n, GROUP_M=8, STAGES=3, MATH_REGS=232, num_warps=4,
+        B_SCALE_E8M0=e8m0, E_POW2=8, BLOCK_N=block_n, GROUP_M=8, STAGES=3, MATH_REGS=232, MASKED=masked, num_warps=4,
         grid=(1,),
     )
     ptx = compiled.asm["ptx"]

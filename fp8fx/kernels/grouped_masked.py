@@ -273,9 +273,22 @@ def config_for(m: int) -> tuple[int, int, int, int]:
 
 
 def grouped_linear_masked(x, qweight, wscale, masked_m, act_scale, block_size):
-    """Quantize the valid rows of x per token (or per expert, static), masked grouped GEMM."""
+    """Quantize the valid rows of x per token (or per expert, static), masked grouped GEMM:
+    the warp-specialized Hopper kernel (grouped_wgmma.py) from a capacity of
+    dispatch.GROUPED_WGMMA_MIN_ROWS rows per expert on an SM90 GPU, the Triton kernel below."""
+    from fp8fx.kernels import dispatch, grouped_wgmma
+
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
     xq, xs = masked_act_quant(x, masked_m, ue8m0, act_scale)
+    if (
+        x.shape[1] >= dispatch.GROUPED_WGMMA_MIN_ROWS
+        and grouped_wgmma.available(x.device)
+        and grouped_wgmma.supports(xq.view(-1, xq.shape[-1]), qweight, x.dtype)
+    ):
+        try:
+            return grouped_wgmma.grouped_gemm_masked_wgmma(xq, xs, qweight, wscale, masked_m, x.dtype)
+        except grouped_wgmma.Unavailable:
+            pass  # warned once; the Triton kernel below serves this and later calls
     bm, bn, warps, stages = config_for(x.shape[1])
     return grouped_gemm_masked(xq, xs, qweight, wscale, masked_m, x.dtype, bm, bn, warps, stages)
 

@@ -46,7 +46,15 @@ from triton.compiler.errors import CompilationError
 from fp8fx import reference
 from fp8fx.kernels.host import cdiv, next_power_of_2
 
-__all__ = ["Unavailable", "available", "balanced_programs", "block_n_for", "grouped_gemm_wgmma", "supports"]
+__all__ = [
+    "Unavailable",
+    "available",
+    "balanced_programs",
+    "block_n_for",
+    "grouped_gemm_masked_wgmma",
+    "grouped_gemm_wgmma",
+    "supports",
+]
 
 BLOCK_M = 128  # two 64-row warpgroups
 BLOCK_K = 128
@@ -146,23 +154,36 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr):
-        """(g, row0, row_end, n0) of output tile ``tile_id`` in the Triton kernel's order: GROUP_M
-        row tiles share each sweep over the columns (their a rows are read from DRAM once and
-        each expert's weight tile is reused from L2)."""
+              GROUP_M: gl.constexpr, MASKED: gl.constexpr):
+        """(g, row0, row_end, store_end, n0) of output tile ``tile_id`` in the Triton kernel's
+        order: GROUP_M row tiles share each sweep over the columns (their a rows are read from
+        DRAM once and each expert's weight tile is reused from L2). Rows row0 + [0, 128) below
+        row_end are computed, those below store_end stored (zeros from row_end on). Contiguous:
+        the rows of expert g < E (store_end = row_end; g == E the tail, zeros; g > E past the
+        last tile). MASKED (T is the capacity M, offs the counts): expert g's rows are g * M +
+        [0, M), the first min(max(count, 0), M) of them valid."""
         tiles_n = (N + BLOCK_N - 1) // BLOCK_N
         group = GROUP_M * tiles_n
         first_m = (tile_id // group) * GROUP_M
         rows_in_group = gl.minimum(row_tiles - first_m, GROUP_M)
         pid_m = first_m + (tile_id % group) % rows_in_group
         pid_n = (tile_id % group) // rows_in_group
-        g, row0, row_end = _expert_tile(offs_ptr, pid_m, T, E, E_POW2)
-        return g, row0, row_end, pid_n * BLOCK_N
+        if MASKED:
+            tiles_e = (T + _BM - 1) // _BM
+            g = pid_m // tiles_e
+            base = g * T
+            row0 = base + (pid_m % tiles_e) * _BM
+            row_end = base + gl.minimum(gl.maximum(gl.load(offs_ptr + g), 0), T)
+            store_end = base + T
+        else:
+            g, row0, row_end = _expert_tile(offs_ptr, pid_m, T, E, E_POW2)
+            store_end = row_end
+        return g, row0, row_end, store_end, pid_n * BLOCK_N
 
     @gluon.jit
     def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
                         E_POW2: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                        STAGES: gl.constexpr):
+                        STAGES: gl.constexpr, MASKED: gl.constexpr):
         """One warp: for each of this CTA's tiles, streams K block kb of a's two 64-row halves
         and of the weight tile into the next ring stage once both math warpgroups released it.
         Runs ahead across tiles, so the next tile's loads overlap this tile's epilogue."""
@@ -171,8 +192,9 @@ if _IMPORT_ERROR is None:
         total = row_tiles * ((N + BLOCK_N - 1) // BLOCK_N)
         it = 0  # K blocks issued so far: ring stage it % STAGES, phase (it // STAGES) & 1
         for tile_id in range(gl.program_id(0), total, gl.num_programs(0)):
-            g, row0, row_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N, GROUP_M)
-            if g < E:
+            g, row0, row_end, store_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N,
+                                                    GROUP_M, MASKED)
+            if (g < E) & (row0 < row_end):
                 b_row0 = g * N + n0
                 for kb in range(n_kb):
                     s = it % STAGES
@@ -194,20 +216,26 @@ if _IMPORT_ERROR is None:
         return v
 
     @gluon.jit
-    def _store_rows(c_ptr, acc, row0, row_end, col0, N, stride_cm, HM: gl.constexpr):
-        """acc [HM, 128] fp32 -> c rows row0 + [0, HM) below row_end, columns col0 + [0, 128) below N."""
+    def _store_rows(c_ptr, acc, row0, row_end, store_end, col0, N, stride_cm, HM: gl.constexpr,
+                    MASKED: gl.constexpr):
+        """acc [HM, 128] fp32 -> c rows row0 + [0, HM) below store_end (zeros from row_end on
+        when MASKED: padding rows may hold anything, NaN included), columns col0 + [0, 128)
+        below N."""
         out_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_l)
         rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, out_l))
         cols = col0 + gl.arange(0, 128, layout=gl.SliceLayout(0, out_l))
+        if MASKED:
+            out = gl.where(gl.expand_dims(rows < row_end, 1), out, 0.0)
         ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0)
-        gl.store(ptrs, out, mask=gl.expand_dims(rows < row_end, 1) & gl.expand_dims(cols < N, 0))
+        gl.store(ptrs, out, mask=gl.expand_dims(rows < store_end, 1) & gl.expand_dims(cols < N, 0))
 
     @gluon.jit
     def _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                         HALF: gl.constexpr, B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr,
-                        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+                        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                        MASKED: gl.constexpr):
         """One warpgroup: rows 64 * HALF + [0, 64) of each of this CTA's tiles, all BLOCK_N columns,
         as BLOCK_N // 128 column blocks of one weight scale each (an fp32 accumulator of 64
         registers per block, and one 64-register MMA result live at a time)."""
@@ -220,11 +248,12 @@ if _IMPORT_ERROR is None:
         fresh = gl.zeros([HM, 128], gl.float32, mma)
         it = 0
         for tile_id in range(gl.program_id(0), total, gl.num_programs(0)):
-            g, row0, row_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N, GROUP_M)
+            g, row0, row_end, store_end, n0 = _tile(tile_id, offs_ptr, T, N, E, row_tiles, E_POW2, BLOCK_N,
+                                                    GROUP_M, MASKED)
             if g <= E:
                 acc0 = gl.zeros([HM, 128], gl.float32, mma)
                 acc1 = gl.zeros([HM, 128], gl.float32, mma)
-                if g < E:
+                if (g < E) & (row0 < row_end):
                     rows = row0 + HALF * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
                     sa_ptrs = sa_ptr + gl.where(rows < row_end, rows, row0).to(gl.int64) * stride_sam
                     sb_ptrs = sb_ptr + g * stride_sbe + (n0 // 128) * stride_sbn
@@ -253,19 +282,20 @@ if _IMPORT_ERROR is None:
                             mbarrier.arrive(empty.index(s), count=1)
                             acc1 += part * gl.expand_dims(sa * sb1, 1)
                         it += 1
-                # g == E (rows no expert owns): the zeros are stored
-                _store_rows(c_ptr, acc0, row0 + HALF * HM, row_end, n0, N, stride_cm, HM)
+                # no rows to compute (the contiguous tail, a masked expert's padding): zeros stored
+                _store_rows(c_ptr, acc0, row0 + HALF * HM, row_end, store_end, n0, N, stride_cm, HM, MASKED)
                 if NSUB == 2:
-                    _store_rows(c_ptr, acc1, row0 + HALF * HM, row_end, n0 + 128, N, stride_cm, HM)
+                    _store_rows(c_ptr, acc1, row0 + HALF * HM, row_end, store_end, n0 + 128, N, stride_cm, HM,
+                                MASKED)
 
     @gluon.jit
     def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                     stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                     B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
-                    GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+                    GROUP_M: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
         _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                        1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)
+                        1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)
 
     @gluon.jit
     def _grouped_wgmma_kernel(
@@ -273,7 +303,8 @@ if _IMPORT_ERROR is None:
         T, N, K, E, row_tiles,
         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
         B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
-        GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, num_warps: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr, MASKED: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         # Persistent: program p takes tiles p, p + P, ... (P programs, at most one per SM).
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -287,12 +318,12 @@ if _IMPORT_ERROR is None:
         gl.warp_specialize([
             (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                                stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                               0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
+                               0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
             (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                            stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                           B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES)),
+                           B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
             (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
-                               E_POW2, BLOCK_N, GROUP_M, STAGES)),
+                               E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
         ], [4, 1], [MATH_REGS, 40])
 
 
@@ -373,8 +404,7 @@ def grouped_gemm_wgmma(
         raise ValueError(f"fp8fx grouped_gemm_wgmma: a and b must share K, got {k} and {b.shape[2]}")
     if block_n not in (128, 256):
         raise ValueError(f"fp8fx grouped_gemm_wgmma: block_n must be 128 or 256, got {block_n}")
-    stages = stages or (3 if block_n == 256 else 4)  # at 256 columns 3 ran as fast as 4 (H200)
-    if not 2 <= stages <= (4 if block_n == 256 else 5):
+    if stages is not None and not 2 <= stages <= (4 if block_n == 256 else 5):
         raise ValueError(f"fp8fx grouped_gemm_wgmma: {stages} stages of 128 x {block_n} tiles do not fit shared memory")
     if tuple(sa.shape) != (t, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
         raise ValueError(
@@ -393,8 +423,6 @@ def grouped_gemm_wgmma(
             f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
             f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
         )
-    e8m0 = sb.dtype == reference.E8M0_DTYPE
-    sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t == 0 or n == 0:
         return out
@@ -404,17 +432,80 @@ def grouped_gemm_wgmma(
         sa = sa.t().contiguous().t()
     from fp8fx.kernels.grouped_gemm import max_row_tiles
 
+    _launch(a, sa, b, sb, offs.to(torch.int32), out, t, max_row_tiles(t, e, BLOCK_M), block_n, stages,
+            group_m, math_regs, maxnreg, programs, masked=False)
+    return out
+
+
+def grouped_gemm_masked_wgmma(
+    a: torch.Tensor,
+    sa: torch.Tensor,
+    b: torch.Tensor,
+    sb: torch.Tensor,
+    masked_m: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """The masked layout (grouped_masked.py's legend) on this kernel: a[E, M, K] fp8, sa[E, M,
+    nK] fp32 (any strides), b[E, N, K], sb[E, nN, nK], masked_m[E] (clamped to [0, M] on the
+    device) -> y[E, M, N], rows past masked_m[e] zero. Expert e's rows are rows e * M + [0, M)
+    of a[E * M, K]; a tile past an expert's count stores its zeros without loading; padding
+    rows inside a tile are computed (whatever they hold) and stored as zeros. 128 x 128 tiles:
+    at 256 columns the masked epilogue's extra registers made ptxas spill in the K loop."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(
+            f"fp8fx grouped_gemm_masked_wgmma: expected a[E, M, K] and b[E, N, K], got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    e, m, k = a.shape
+    n = b.shape[1]
+    if tuple(sa.shape) != (e, m, cdiv(k, BLOCK_K)) or sa.dtype != torch.float32:
+        raise ValueError(
+            f"fp8fx grouped_gemm_masked_wgmma: activation scales must be fp32 {(e, m, cdiv(k, BLOCK_K))}, "
+            f"got {sa.dtype} {tuple(sa.shape)}"
+        )
+    if tuple(sb.shape) != (e, cdiv(n, 128), cdiv(k, BLOCK_K)):
+        raise ValueError(
+            f"fp8fx grouped_gemm_masked_wgmma: weight scales must be one per 128 x 128 block, "
+            f"{(e, cdiv(n, 128), cdiv(k, BLOCK_K))}, got {tuple(sb.shape)}"
+        )
+    if tuple(masked_m.shape) != (e,) or masked_m.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"fp8fx grouped_gemm_masked_wgmma: masked_m must be int32/int64 of shape ({e},), "
+            f"got {masked_m.dtype} {tuple(masked_m.shape)}"
+        )
+    a2 = a.reshape(e * m, k)
+    if not supports(a2, b, out_dtype):
+        raise ValueError(
+            "fp8fx grouped_gemm_masked_wgmma: needs SM90 CUDA fp8 e4m3 a[E, M, K] (rows back to back) and "
+            f"b[E, N, K] with K contiguous and 16-byte aligned rows; got a {a.dtype} {tuple(a.shape)} stride "
+            f"{a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
+        )
+    out = torch.empty(e, m, n, dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    _launch(a2, sa.reshape(e * m, -1), b, sb, masked_m.to(torch.int32), out.view(e * m, n), m, e * cdiv(m, BLOCK_M),
+            128, None, 8, 232, None, programs, masked=True)
+    return out
+
+
+def _launch(a, sa, b, sb, counts, out, t_arg, row_tiles, block_n, stages, group_m, math_regs, maxnreg, programs,
+            masked):
+    """One launch over a[rows, K] and out[rows, N]: ``t_arg`` is T (contiguous; counts = the
+    cumulative ends) or the capacity M (masked; counts = the per-expert counts)."""
+    e, n, k = b.shape
+    stages = stages or (3 if block_n == 256 else 4)  # at 256 columns 3 ran as fast as 4 (H200)
+    e8m0 = sb.dtype == reference.E8M0_DTYPE
+    sb_t = sb.view(torch.uint8) if e8m0 else sb.float()
     a_desc, b_desc = _descriptors(a, b, block_n)
-    row_tiles = max_row_tiles(t, e, BLOCK_M)
-    grid = (min(row_tiles * cdiv(n, block_n), programs or balanced_programs(t, n, block_n, _sm_count(a.device))),)
+    grid = (min(row_tiles * cdiv(n, block_n), programs or balanced_programs(a.shape[0], n, block_n, _sm_count(a.device))),)
     launch = {} if maxnreg is None else {"maxnreg": maxnreg}
     try:
         _grouped_wgmma_kernel[grid](
-            a_desc, b_desc, sa, sb_t, out, offs.to(torch.int32),
-            t, n, k, e, row_tiles,
+            a_desc, b_desc, sa, sb_t, out, counts,
+            t_arg, n, k, e, row_tiles,
             sa.stride(0), sa.stride(1), sb_t.stride(0), sb_t.stride(1), sb_t.stride(2), out.stride(0),
             B_SCALE_E8M0=e8m0, E_POW2=next_power_of_2(e + 1), BLOCK_N=block_n, GROUP_M=group_m,
-            STAGES=stages, MATH_REGS=math_regs, num_warps=4, **launch,
+            STAGES=stages, MATH_REGS=math_regs, MASKED=masked, num_warps=4, **launch,
         )
     except CompilationError as exc:  # a Triton whose Gluon differs from the one this was written for
         global _DISABLED
@@ -423,7 +514,6 @@ def grouped_gemm_wgmma(
             f"fp8fx: the Hopper grouped GEMM (grouped_wgmma) did not compile with this Triton ({_DISABLED}); "
             "grouped GEMMs use the Triton kernel in this process",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         raise Unavailable(_DISABLED) from exc
-    return out
