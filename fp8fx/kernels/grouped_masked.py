@@ -17,6 +17,10 @@ past V[e] stores its zeros and returns before loading anything. Both kernels cla
 (fp8fx::grouped_linear_masked also asserts the range, asynchronously).
 
 Rows past V[e] are never read: their contents (even NaN) cannot reach the output.
+
+From a capacity of dispatch.GROUPED_WGMMA_MIN_ROWS rows on an SM90 GPU, grouped_linear_masked
+hands the GEMM to the warp-specialized Hopper kernel's masked mode (grouped_wgmma.py), which
+computes padding rows inside a tile (whatever they hold) and stores zeros in their place.
 """
 
 from __future__ import annotations

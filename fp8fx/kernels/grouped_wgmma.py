@@ -24,6 +24,10 @@ This kernel writes the schedule out in Gluon, Triton's explicit-layout dialect:
 - the epilogue stores bf16/fp16/fp32 rows with masks (a tile's rows past its expert's end
   belong to the next tile).
 
+``grouped_gemm_masked_wgmma`` runs the masked layout (grouped_masked.py) through the same
+kernel: expert e's rows are rows e * M + [0, M) of one a[E * M, K]; the device-side count
+bounds the computed rows and the capacity the stored ones (zeros past the count).
+
 The accumulation order is the Triton kernel's (fp8 MMAs of 128 K values, promoted in fp32
 per K block), so the two give the same bits. Measurements and the variants tried:
 kernels/NOTES.md, fourteenth session.
