@@ -16,11 +16,11 @@ past V[e] stores its zeros and returns before loading anything. Both kernels cla
 [0, M], so an out-of-range count never reaches memory outside the batch
 (fp8fx::grouped_linear_masked also asserts the range, asynchronously).
 
-Rows past V[e] are never read: their contents (even NaN) cannot reach the output.
-
-From a capacity of dispatch.GROUPED_WGMMA_MIN_ROWS rows on an SM90 GPU, grouped_linear_masked
-hands the GEMM to the warp-specialized Hopper kernel's masked mode (grouped_wgmma.py), which
-computes padding rows inside a tile (whatever they hold) and stores zeros in their place.
+Rows past V[e] cannot reach the output, whatever they hold (NaN included): the Triton kernel
+never reads them. From a capacity of dispatch.GROUPED_WGMMA_MIN_ROWS rows on an SM90 GPU,
+grouped_linear_masked hands the GEMM to the warp-specialized Hopper kernel's masked mode
+(grouped_wgmma.py), which computes the padding rows inside a tile and stores zeros in their
+place (a row of the product depends on that row of a alone).
 """
 
 from __future__ import annotations
