@@ -297,6 +297,7 @@ if _IMPORT_ERROR is None:
                     stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                     B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+        """The worker partition's entry: math warpgroup 1 (rows 64-127 of each tile)."""
         _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                         1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)
