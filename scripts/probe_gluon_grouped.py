@@ -3,7 +3,7 @@ grouped GEMM, on the GPU: correctness on edge shapes, then TFLOP/s on issue 5's 
 
     python scripts/probe_gluon_grouped.py                # every variant, each in its own process
     python scripts/probe_gluon_grouped.py --one 3,8,232,0,256,1,0  # stages, group_m, math_regs,
-        # maxnreg (0: none), block_n, sa by column, persistent programs (0: one per SM)
+        # maxnreg (0: none), block_n, sa by column, persistent programs (0: balanced_programs)
 
 Each variant runs in a subprocess with a time limit, so a variant whose register split
 deadlocks (setmaxnreg waits forever) is reported instead of hanging the run.
