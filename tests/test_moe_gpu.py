@@ -118,8 +118,8 @@ def test_hopper_grouped_gemm_static_scales_and_dispatch(monkeypatch):
     from fp8fx.kernels import dispatch, grouped_wgmma
 
     calls = []
-    real = grouped_wgmma.grouped_gemm_wgmma
-    monkeypatch.setattr(grouped_wgmma, "grouped_gemm_wgmma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = grouped_wgmma.run_contiguous
+    monkeypatch.setattr(grouped_wgmma, "run_contiguous", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(dispatch, "GROUPED_GEMV_MAX_ROWS", 0)
     g = torch.Generator(device="cuda").manual_seed(5)
     counts = [300, 0, 212]
@@ -288,8 +288,8 @@ def test_qwen3_moe_block_prefill_takes_hopper_gemm_compiled(monkeypatch):
     from fp8fx.kernels import dispatch
 
     calls = []
-    real = gw.grouped_gemm_wgmma
-    monkeypatch.setattr(gw, "grouped_gemm_wgmma", lambda *a, **kw: calls.append(a[2].shape) or real(*a, **kw))
+    real = gw.run_contiguous
+    monkeypatch.setattr(gw, "run_contiguous", lambda *a, **kw: calls.append(a[2].shape) or real(*a, **kw))
     block = _qwen3_moe_block()
     x = torch.randn(1, 4096, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():

@@ -265,8 +265,8 @@ def grouped_linear(x, qweight, wscale, offs, act_scale, block_size):
         xs = row_scale[:, None].expand(-1, cdiv(x.shape[1], BLOCK_K))
     if hopper and grouped_wgmma.supports(xq, qweight, x.dtype):
         try:
-            return grouped_wgmma.grouped_gemm_wgmma(xq, xs, qweight, wscale, offs, x.dtype,
-                                                    block_n=grouped_wgmma.block_n_for(qweight.shape[1]))
+            return grouped_wgmma.run_contiguous(xq, xs, qweight, wscale, offs, x.dtype,
+                                                grouped_wgmma.block_n_for(qweight.shape[1]))
         except grouped_wgmma.Unavailable:
             pass  # warned once; the Triton kernel below serves this and later calls
     bm, warps, stages = config_for(x.shape[0], qweight.shape[0])

@@ -57,6 +57,7 @@ __all__ = [
     "block_n_for",
     "grouped_gemm_masked_wgmma",
     "grouped_gemm_wgmma",
+    "run_contiguous",
     "supports",
 ]
 
@@ -96,14 +97,16 @@ def _triton_ok() -> bool:
 def available(device: torch.device | None = None) -> bool:
     """Gluon's Hopper API imports, the Triton is 3.6 or newer, the kernel has not failed to
     compile in this process, and ``device`` (default: the current CUDA device) is SM90."""
-    if _IMPORT_ERROR is not None or _DISABLED is not None or not torch.cuda.is_available() or not _triton_ok():
+    if _IMPORT_ERROR is not None or _DISABLED is not None or (device is not None and device.type != "cuda"):
         return False
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _is_sm90(index)
+    return _is_sm90(device.index if device is not None else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _is_sm90(index: int) -> bool:
+def _is_sm90(index: int | None) -> bool:
+    """Cached: a grouped GEMM asks on every call (None: the current device at the first ask)."""
+    if not torch.cuda.is_available() or not _triton_ok():
+        return False
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
@@ -428,6 +431,16 @@ def grouped_gemm_wgmma(
             f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
             f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
         )
+    return run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages, group_m, math_regs, maxnreg, programs,
+                          sa_by_column)
+
+
+def run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages=None, group_m=8, math_regs=232, maxnreg=None,
+                   programs=None, sa_by_column=True) -> torch.Tensor:
+    """grouped_gemm_wgmma without its checks, for a caller that made them (grouped_linear:
+    its operands come from act_quant and a BlockFP8Tensor, and it asked ``supports``)."""
+    t, k = a.shape
+    e, n, _ = b.shape
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t == 0 or n == 0:
         return out
