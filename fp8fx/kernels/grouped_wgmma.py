@@ -403,7 +403,8 @@ def grouped_gemm_wgmma(
     sa_by_column: bool = True,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
-    The caller checks ``supports(a, b, out_dtype)`` first (grouped_gemm.grouped_linear does)."""
+    Checks the operands' shapes, then the device and layout (``supports``), with an error
+    that says what was wrong; ``run_contiguous`` is the same without the checks."""
     if a.dim() != 2 or b.dim() != 3:
         raise ValueError(f"fp8fx grouped_gemm_wgmma: expected a[T, K] and b[E, N, K], got {tuple(a.shape)}, {tuple(b.shape)}")
     t, k = a.shape
@@ -438,7 +439,8 @@ def grouped_gemm_wgmma(
 def run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages=None, group_m=8, math_regs=232, maxnreg=None,
                    programs=None, sa_by_column=True) -> torch.Tensor:
     """grouped_gemm_wgmma without its checks, for a caller that made them (grouped_linear:
-    its operands come from act_quant and a BlockFP8Tensor, and it asked ``supports``)."""
+    fp8fx::grouped_linear checked the weight and its scales, act_quant made a and sa, and it
+    asked ``supports``)."""
     t, k = a.shape
     e, n, _ = b.shape
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
