@@ -47,6 +47,22 @@ def test_bad_input_is_refused_with_what_is_accepted():
         gw.grouped_gemm_wgmma(a, sa, b, sb, offs)
 
 
+def test_masked_bad_input_is_refused():
+    a = torch.zeros(2, 8, 256, dtype=FP8)
+    b = torch.zeros(2, 256, 256, dtype=FP8)
+    sa, sb, counts = torch.ones(2, 8, 2), torch.ones(2, 2, 2), torch.tensor([3, 8])
+    with pytest.raises(ValueError, match=r"expected a\[E, M, K\] and b\[E, N, K\]"):
+        gw.grouped_gemm_masked_wgmma(a[:1], sa, b, sb, counts)
+    with pytest.raises(ValueError, match=r"activation scales must be fp32 \(2, 8, 2\)"):
+        gw.grouped_gemm_masked_wgmma(a, sa[:, :4], b, sb, counts)
+    with pytest.raises(ValueError, match=r"one per 128 x 128 block"):
+        gw.grouped_gemm_masked_wgmma(a, sa, b, sb[:, :1], counts)
+    with pytest.raises(ValueError, match=r"masked_m must be int32/int64 of shape \(2,\)"):
+        gw.grouped_gemm_masked_wgmma(a, sa, b, sb, counts.float())
+    with pytest.raises(ValueError, match="SM90 CUDA fp8 e4m3"):
+        gw.grouped_gemm_masked_wgmma(a, sa, b, sb, counts)
+
+
 def test_compile_failure_reason_is_the_innermost_cause():
     from triton.compiler.errors import CompilationError
 
