@@ -296,16 +296,6 @@ if _IMPORT_ERROR is None:
                                 MASKED)
 
     @gluon.jit
-    def _math_upper(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
-                    stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                    B_SCALE_E8M0: gl.constexpr, E_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
-                    GROUP_M: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
-        """The worker partition's entry: math warpgroup 1 (rows 64-127 of each tile)."""
-        _math_partition(a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
-                        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                        1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)
-
-    @gluon.jit
     def _grouped_wgmma_kernel(
         a_desc, b_desc, sa_ptr, sb_ptr, c_ptr, offs_ptr,
         T, N, K, E, row_tiles,
@@ -327,9 +317,9 @@ if _IMPORT_ERROR is None:
             (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
                                stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
                                0, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
-            (_math_upper, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
-                           stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
-                           B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
+            (_math_partition, (a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, c_ptr, offs_ptr, T, N, K, E, row_tiles,
+                               stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                               1, B_SCALE_E8M0, E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
             (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, T, N, K, E, row_tiles,
                                E_POW2, BLOCK_N, GROUP_M, STAGES, MASKED)),
         ], [4, 1], [MATH_REGS, 40])
