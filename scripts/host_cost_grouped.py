@@ -26,8 +26,6 @@ cases = [
     ("act_quant, column-major scales", lambda: act_quant(x, col_major=True)),
     ("Triton grouped_gemm", lambda: grouped_gemm(xq, xs, q, s, offs, torch.bfloat16, 64, 128, 4, 4)),
     ("Hopper grouped_gemm_wgmma", lambda: grouped_wgmma.grouped_gemm_wgmma(xq, xs, q, s, offs, torch.bfloat16, 256)),
-    ("Hopper, scales already column-major",
-     lambda: grouped_wgmma.grouped_gemm_wgmma(xq, xs, q, s, offs, torch.bfloat16, 256, sa_by_column=False)),
     ("grouped_linear (Hopper)", lambda: torch.ops.fp8fx.grouped_linear(x, q, s, offs, None, [128, 128])),
 ]
 for label, fn in cases:

@@ -390,7 +390,6 @@ def grouped_gemm_wgmma(
     math_regs: int = 232,
     maxnreg: int | None = None,
     programs: int | None = None,
-    sa_by_column: bool = True,
 ) -> torch.Tensor:
     """a[T, K] fp8, sa[T, nK] fp32, b[E, N, K] fp8, sb[E, nN, nK] fp32/e8m0, offs[E] -> y[T, N].
     Checks the operands' shapes, then the device and layout (``supports``), with an error
@@ -422,24 +421,20 @@ def grouped_gemm_wgmma(
             f"16-byte aligned rows and a bf16/fp16/fp32 output; got a {a.dtype} {tuple(a.shape)} "
             f"stride {a.stride()}, b {b.dtype} {tuple(b.shape)} stride {b.stride()}, out {out_dtype}"
         )
-    return run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages, group_m, math_regs, maxnreg, programs,
-                          sa_by_column)
+    return run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages, group_m, math_regs, maxnreg, programs)
 
 
 def run_contiguous(a, sa, b, sb, offs, out_dtype, block_n, stages=None, group_m=8, math_regs=232, maxnreg=None,
-                   programs=None, sa_by_column=True) -> torch.Tensor:
+                   programs=None) -> torch.Tensor:
     """grouped_gemm_wgmma without its checks, for a caller that made them (grouped_linear:
     fp8fx::grouped_linear checked the weight and its scales, act_quant made a and sa, and it
-    asked ``supports``)."""
+    asked ``supports``). sa may have any strides; column-major (act_quant's ``col_major``, as
+    grouped_linear asks) lets a warpgroup read 64 rows' scales of a K block as one run."""
     t, k = a.shape
     e, n, _ = b.shape
     out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     if t == 0 or n == 0:
         return out
-    if sa_by_column and sa.stride(0) not in (0, 1):
-        # A warpgroup reads 64 rows' scales of one K block per step: column-major, that is one
-        # 256-byte run instead of 64 scattered 32-byte sectors.
-        sa = sa.t().contiguous().t()
     from fp8fx.kernels.grouped_gemm import max_row_tiles
 
     _launch(a, sa, b, sb, offs.to(torch.int32), out, t, max_row_tiles(t, e, BLOCK_M), block_n, stages,
