@@ -284,11 +284,7 @@ def grouped_linear_masked(x, qweight, wscale, masked_m, act_scale, block_size):
 
     ue8m0 = wscale.dtype == reference.E8M0_DTYPE
     xq, xs = masked_act_quant(x, masked_m, ue8m0, act_scale)
-    if (
-        x.shape[1] >= dispatch.GROUPED_WGMMA_MIN_ROWS
-        and grouped_wgmma.available(x.device)
-        and grouped_wgmma.supports(xq.view(-1, xq.shape[-1]), qweight, x.dtype)
-    ):
+    if x.shape[1] >= dispatch.GROUPED_WGMMA_MIN_ROWS and grouped_wgmma.supports(xq.view(-1, xq.shape[-1]), qweight, x.dtype):
         try:
             return grouped_wgmma.grouped_gemm_masked_wgmma(xq, xs, qweight, wscale, masked_m, x.dtype)
         except grouped_wgmma.Unavailable:
